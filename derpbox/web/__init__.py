@@ -1,0 +1,1 @@
+"""Twisted HTTP adapters: the /derp upgrade, WebSocket, and the plain endpoints."""
