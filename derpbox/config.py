@@ -1,0 +1,730 @@
+"""derpbox settings: one immutable Settings from four sources.
+
+Precedence: command line > DERP_* environment (primary name, then aliases)
+> YAML config file > derper's defaults.
+
+The command line speaks derper's Go ``flag`` syntax, so an operator can keep
+the derper command line; the environment accepts the variable names of the
+popular derper Docker images. SETTINGS_TABLE is the single description of
+every setting; the parser, the usage text and generated docs all read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Mapping, NamedTuple
+from urllib.parse import urlsplit
+
+import yaml
+
+from derpbox import keys
+
+DEV_HOST = "127.0.0.1"
+DEV_PORT = 3340
+# derper reads the mesh key from this variable in -dev mode only.
+DEV_MESH_KEY_ENV = "TAILSCALE_DERPER_MESH_KEY"
+DEFAULT_HOSTNAME = "derp.tailscale.com"
+CERTMODES = ("manual", "letsencrypt", "gcp")
+
+
+class ConfigError(ValueError):
+    """A setting is malformed, or settings contradict each other."""
+
+
+class UsageRequested(Exception):
+    """-h / -help was given; ``usage`` is the text to show."""
+
+    def __init__(self, usage: str):
+        super().__init__(usage)
+        self.usage = usage
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    dev: bool
+    version_requested: bool
+    addr: str
+    listen_host: str
+    listen_port: int
+    http_port: int
+    stun_port: int
+    stun: bool
+    derp: bool
+    key_path: str | None  # None: random in-memory key (-dev only)
+    certmode: str
+    certdir: str
+    hostname: str
+    acme_eab_kid: str
+    acme_eab_key: str = field(repr=False)
+    acme_email: str
+    acme_ip_certs: bool
+    home: str
+    mesh_psk_file: str
+    mesh_with: tuple[str, ...]
+    secrets_url: str
+    secrets_path_prefix: str
+    secrets_cache_dir: str
+    bootstrap_dns_names: tuple[str, ...]
+    unpublished_bootstrap_dns_names: tuple[str, ...]
+    verify_clients: bool
+    verify_client_urls: tuple[str, ...]
+    verify_client_url_fail_open: bool
+    socket: str
+    accept_connection_limit: float
+    accept_connection_burst: int
+    rate_config: str
+    tcp_keepalive_time: float  # seconds; Go semantics: 0 = default (15s), negative = off
+    tcp_user_timeout: float  # seconds
+    tcp_write_timeout: float  # seconds; 0 = no write deadline
+    ace: bool
+    config_file: str | None
+    tls: str  # auto | on | off
+    log_level: str
+    log_format: str
+    warnings: tuple[str, ...]
+
+    @property
+    def use_tls(self) -> bool:
+        """derper's rule (port 443 or certmode manual) unless -tls forces it; -dev is plain HTTP."""
+        if self.dev:
+            return False
+        if self.tls != "auto":
+            return self.tls == "on"
+        return self.listen_port == 443 or self.certmode == "manual"
+
+    @property
+    def hostname_is_ip(self) -> bool:
+        return _is_ip(self.hostname)
+
+
+# --- value parsers: text -> value, raising ValueError(reason) -------------------------------
+
+_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def _go_bool(text: str) -> bool:
+    """Go's strconv.ParseBool, as used by flag.Bool."""
+    if text in _GO_TRUE:
+        return True
+    if text in _GO_FALSE:
+        return False
+    raise ValueError("not a boolean")
+
+
+def _env_bool(text: str) -> bool:
+    value = text.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("not a boolean")
+
+
+def _go_int(text: str) -> int:
+    """Go's strconv.ParseInt(s, 0, 64), as used by flag.Int: 0x/0o/0b, '_', and a leading 0 is octal."""
+    if not text.isascii() or text != text.strip():
+        raise ValueError("not an integer")
+    legacy_octal = re.fullmatch(r"([+-]?)0([0-7_]+)", text)
+    try:
+        value = int(legacy_octal[1] + "0o" + legacy_octal[2] if legacy_octal else text, 0)
+    except ValueError:
+        raise ValueError("not an integer") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError("out of range")
+    return value
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _go_int(text)
+        if not low <= value <= high:
+            raise ValueError("out of range")
+        return value
+
+    return parse
+
+
+def _rate_limit(text: str) -> float:
+    # Python's float() also takes spaces and '_' separators, which Go's ParseFloat does not.
+    if "_" in text or text != text.strip():
+        raise ValueError("not a number")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+_DURATION_UNITS = {
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,  # U+00B5
+    "μs": 10**3,  # U+03BC
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Go's time.ParseDuration ("1h30m", "500ms", "0"), returned as float seconds."""
+    rest = text
+    negative = rest[:1] == "-"
+    if rest[:1] in ("-", "+"):
+        rest = rest[1:]
+    if rest == "0":
+        return 0.0
+    if not rest:
+        raise ValueError("empty duration")
+    nanos = Fraction(0)
+    pos = 0
+    while pos < len(rest):
+        match = _DURATION_PART.match(rest, pos)
+        whole, frac, unit = match.groups()
+        if not whole and not frac:
+            raise ValueError("expected a number")
+        if not unit:
+            raise ValueError("missing unit")
+        if unit not in _DURATION_UNITS:
+            raise ValueError(f"unknown unit {unit!r}")
+        number = int(whole or "0") + (Fraction(int(frac), 10 ** len(frac)) if frac else 0)
+        nanos += number * _DURATION_UNITS[unit]
+        pos = match.end()
+    if nanos > 2**63 - (0 if negative else 1):
+        raise ValueError("out of range")
+    # Go truncates to whole nanoseconds.
+    return (-1 if negative else 1) * int(nanos) / 1e9
+
+
+def _nonnegative_duration(text: str) -> float:
+    value = parse_go_duration(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError("not one of the accepted values")
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _nonempty(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _check_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("not an http:// or https:// URL")
+    return text
+
+
+def _optional_url(text: str) -> str:
+    return _check_url(text) if text else text
+
+
+def _url_list(text: str) -> tuple[str, ...]:
+    return tuple(_check_url(url) for url in _names(text))
+
+
+def _home(text: str) -> str:
+    # derper's -home: anything else is fatal at start-up.
+    if text in ("", "blank") or text.startswith(("http://", "https://")):
+        return text
+    raise ValueError("unknown home page value")
+
+
+def _eab_key(text: str) -> str:
+    # derper accepts base64url or standard base64, padded or not.
+    if text:
+        padded = text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4)
+        try:
+            base64.b64decode(padded, validate=True)
+        except binascii.Error:
+            raise ValueError("not base64") from None
+    return text
+
+
+_NAMED_PORTS = {"http": 80, "https": 443}  # Go's net package resolves these service names
+_ADDR = re.compile(r"\[(?P<v6>[^\[\]]*)\]:(?P<p6>[^:\[\]]*)|(?P<host>[^:\[\]]*):(?P<port>[^:\[\]]*)")
+
+
+def split_listen_addr(text: str) -> tuple[str, int]:
+    """Split derper's -a value into (host, port); host "" means all interfaces."""
+    match = _ADDR.fullmatch(text)
+    if not match:
+        raise ValueError("not of the form :port, host:port or [ipv6]:port")
+    if match["v6"] is not None:
+        host, port = match["v6"], match["p6"]
+        if not _is_ip(host) or ":" not in host:
+            raise ValueError(f"{host!r} inside brackets is not an IPv6 address")
+    else:
+        host, port = match["host"], match["port"]
+    if port in _NAMED_PORTS:
+        return host, _NAMED_PORTS[port]
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"port {port!r} is not a number 0-65535, 'http' or 'https'")
+    return host, int(port)
+
+
+def _listen_addr(text: str) -> str:
+    split_listen_addr(text)
+    return text
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --- environment-only transforms for image-specific aliases ---------------------------------
+
+
+def _bare_port_to_addr(text: str) -> str:
+    # DERP_PORT / DERP_PORT_HTTPS hold a bare port; -a wants ":port".
+    return ":" + text if text.isascii() and text.isdigit() else text
+
+
+def _enable_http(text: str) -> str | None:
+    # ngc7331's DERP_ENABLE_HTTP=false turns the port-80 listener off; true leaves the port alone.
+    return None if _env_bool(text) else "-1"
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    type_name: str  # as Go's flag usage prints it; "" for booleans
+    parse: Callable[[str], Any]
+    forms: str  # accepted forms, for error messages and docs
+    file_types: tuple[type, ...] = (str,)  # YAML scalar types accepted in the config file
+
+
+class Env(NamedTuple):
+    name: str
+    transform: Callable[[str], str | None] | None = None  # raw value -> flag text (None = unset)
+    forms: str | None = None  # accepted forms when they differ from the setting's
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    field: str  # Settings attribute
+    flag: str  # derper's flag name, without dashes
+    kind: Kind
+    default: Any  # a value, or a function of the environment mapping
+    help: str
+    env: tuple[Env, ...] = ()  # primary first, then aliases in priority order
+    in_file: bool = True
+    secret: bool = False  # never echo the value
+    default_text: str = ""  # for usage/docs when the default is not a plain value
+
+
+def _env(*names: str | Env) -> tuple[Env, ...]:
+    return tuple(n if isinstance(n, Env) else Env(n) for n in names)
+
+
+BOOL_FORMS = "1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False"
+ENV_BOOL_FORMS = "true, false, 1, 0, yes, no, on, off (any case)"
+DURATION_FORMS = 'a Go duration such as "500ms", "2s", "10m", "1h30m" or "0" (units ns, us, ms, s, m, h)'
+_NUMBERS = (str, int)
+_DURATIONS = (str, int, float)
+
+BOOL = Kind("", _go_bool, BOOL_FORMS, (bool,))
+TEXT = Kind("string", _text, "any text")
+PORT = Kind("int", _int_range(0, 65535), "a port number 0-65535", _NUMBERS)
+HTTP_PORT = Kind("int", _int_range(-1, 65535), "a port number 0-65535, or -1 to disable", _NUMBERS)
+DURATION = Kind("duration", _nonnegative_duration, DURATION_FORMS + ", not negative", _DURATIONS)
+NAMES = Kind("string", _names, "a comma-separated list of names", (str, list))
+
+
+def _choices(*allowed: str) -> Kind:
+    return Kind("string", _choice(*allowed), ", ".join(allowed))
+
+
+def _user_cache_dir(environ: Mapping[str, str]) -> str:
+    # Go's os.UserCacheDir on Unix; "" when it would fail, as derper's default then is.
+    xdg = environ.get("XDG_CACHE_HOME", "")
+    if xdg:
+        return xdg if os.path.isabs(xdg) else ""
+    home = environ.get("HOME", "")
+    return os.path.join(home, ".cache") if home else ""
+
+
+def _default_certdir(environ: Mapping[str, str]) -> str:
+    cache = _user_cache_dir(environ)
+    return os.path.join(cache, "tailscale", "derper-certs") if cache else ""
+
+
+def _default_mesh_psk_file(environ: Mapping[str, str]) -> str:
+    candidates = ("/home/derp/keys/derp-mesh.key", os.path.join(environ.get("HOME", ""), "keys", "derp-mesh.key"))
+    return next((path for path in candidates if os.path.exists(path)), "")
+
+
+def _default_secrets_cache_dir(environ: Mapping[str, str]) -> str:
+    return os.path.join(environ.get("HOME", ""), ".cache", "derper-secrets")
+
+
+SETTINGS_TABLE: tuple[Option, ...] = (
+    Option("dev", "dev", BOOL, False,
+           f"localhost development mode: plain HTTP on {DEV_HOST}:{DEV_PORT}, STUN on, random in-memory key",
+           _env("DERP_DEV")),
+    Option("version_requested", "version", BOOL, False, "print the version and exit", in_file=False),
+    Option("addr", "a", Kind("string", _listen_addr, ':PORT, HOST:PORT or [IPV6]:PORT (port may be "http" or "https")'),
+           ":443",
+           "listen address; serves TLS if the port is 443 or -certmode is manual (see -tls)",
+           _env("DERP_ADDR",
+                Env("DERP_PORT_HTTPS", _bare_port_to_addr, "a port number (becomes :PORT) or a listen address"),
+                Env("DERP_PORT", _bare_port_to_addr, "a port number (becomes :PORT) or a listen address"),
+                "ADDR")),
+    Option("http_port", "http-port", HTTP_PORT, 80,
+           "plain-HTTP port used in TLS mode (ACME http-01, redirects); -1 disables; bound to the IP of -a",
+           _env("DERP_HTTP_PORT", Env("DERP_ENABLE_HTTP", _enable_http, ENV_BOOL_FORMS),
+                "DERP_PORT_HTTP", "HTTP_PORT")),
+    Option("stun_port", "stun-port", PORT, 3478, "UDP STUN port, bound to the IP of -a",
+           _env("DERP_STUN_PORT", "DERP_PORT_STUN", "STUN_PORT")),
+    Option("stun", "stun", BOOL, True, "run the STUN server",
+           _env("DERP_STUN", "DERP_RUN_STUN", "DERP_STUN_ENABLE", "DERP_ENABLE_STUN", "RUN_STUN")),
+    Option("derp", "derp", BOOL, True, "serve DERP; false keeps only STUN and bootstrap DNS",
+           _env("DERP_DERP", "DERP_RUN_DERP", "RUN_DERP")),
+    Option("key_path", "c", TEXT, "",
+           f"node key file (derper's JSON format); default {keys.ROOT_KEY_PATH} when running as root",
+           _env("DERP_CONFIG_PATH", "DERP_CONFIG", "DERP_KEY_FILE", "CONFIG_PATH")),
+    Option("certmode", "certmode", _choices(*CERTMODES), "letsencrypt",
+           "how to get the TLS certificate: manual, letsencrypt or gcp",
+           _env("DERP_CERT_MODE", "DERP_CERTMODE", "TAILSCALE_DERP_CERTMODE", "CERT_MODE")),
+    Option("certdir", "certdir", TEXT, _default_certdir, "certificate and ACME cache directory",
+           _env("DERP_CERT_DIR", "DERP_CERTDIR", "DERP_CERTS", "CERT_DIR"),
+           default_text="<user cache dir>/tailscale/derper-certs"),
+    Option("hostname", "hostname", Kind("string", _nonempty, "a DNS name or an IP address"), DEFAULT_HOSTNAME,
+           "TLS hostname; an IP address with -certmode manual (self-signed) or -acme-ip-certs",
+           _env("DERP_DOMAIN", "DERP_HOSTNAME", "DERP_HOST", "TAILSCALE_DERP_HOSTNAME", "DERPER_HOST")),
+    Option("acme_eab_kid", "acme-eab-kid", TEXT, "", "ACME external account binding key ID (required for gcp)",
+           _env("DERP_ACME_EAB_KID", "DERP_ACME_EABKID")),
+    Option("acme_eab_key", "acme-eab-key", Kind("string", _eab_key, "base64url or standard base64"), "",
+           "ACME external account binding HMAC key (required for gcp)",
+           _env("DERP_ACME_EAB_KEY", "DERP_ACME_EABKEY"), secret=True),
+    Option("acme_email", "acme-email", TEXT, "", "ACME contact email (required for gcp)",
+           _env("DERP_ACME_EMAIL", "ACME_SH_EMAIL")),
+    Option("acme_ip_certs", "acme-ip-certs", BOOL, False,
+           "get short-lived Let's Encrypt certificates for IP addresses (letsencrypt mode)",
+           _env("DERP_ACME_IP_CERTS")),
+    Option("home", "home", Kind("string", _home, '"" (default page), "blank", or an http:// or https:// URL'), "",
+           "what to serve at /", _env("DERP_HOME", "FLAGHOME")),
+    Option("mesh_psk_file", "mesh-psk-file", TEXT, _default_mesh_psk_file,
+           "file holding the mesh pre-shared key (64+ hex digits)",
+           _env("DERP_MESH_PSK_FILE", "MESH_PSKFILE"),
+           default_text="first existing of /home/derp/keys/derp-mesh.key, $HOME/keys/derp-mesh.key"),
+    Option("mesh_with", "mesh-with", NAMES, (),
+           "comma-separated hostnames to mesh with (host/dialhost dials dialhost)",
+           _env("DERP_MESH_WITH", "MESH_WITH")),
+    Option("secrets_url", "secrets-url", Kind("string", _optional_url, "an http:// or https:// URL"), "",
+           "setec server URL to fetch the mesh key from", _env("DERP_SECRETS_URL")),
+    Option("secrets_path_prefix", "secrets-path-prefix", TEXT, "prod/derp", "setec path prefix of the meshkey secret",
+           _env("DERP_SECRETS_PATH_PREFIX")),
+    Option("secrets_cache_dir", "secrets-cache-dir", TEXT, _default_secrets_cache_dir,
+           "directory to cache setec secrets in", _env("DERP_SECRETS_CACHE_DIR"),
+           default_text="$HOME/.cache/derper-secrets"),
+    Option("bootstrap_dns_names", "bootstrap-dns-names", NAMES, (), "comma-separated names published at /bootstrap-dns",
+           _env("DERP_BOOTSTRAP_DNS_NAMES", "BOOTSTRAP_DNS")),
+    Option("unpublished_bootstrap_dns_names", "unpublished-bootstrap-dns-names", NAMES, (),
+           "comma-separated names answered at /bootstrap-dns?q= only (name/txtname for rollout)",
+           _env("DERP_UNPUBLISHED_BOOTSTRAP_DNS_NAMES", "UNPUBLISHED_DNS")),
+    Option("verify_clients", "verify-clients", BOOL, False, "admit only node keys known to the local tailscaled",
+           _env("DERP_VERIFY_CLIENTS", "TAILSCALE_DERP_VERIFY_CLIENTS", "VERIFY_CLIENTS")),
+    Option("verify_client_urls", "verify-client-url",
+           Kind("string", _url_list, "an http:// or https:// URL, or a comma-separated list of them", (str, list)), (),
+           "admission controller URL(s)", _env("DERP_VERIFY_CLIENT_URL", "VERIFY_CLIENT_URL")),
+    Option("verify_client_url_fail_open", "verify-client-url-fail-open", BOOL, True,
+           "admit clients when the admission controller is unreachable",
+           _env("DERP_VERIFY_CLIENT_URL_FAIL_OPEN", "VERIFY_FAIL_OPEN")),
+    Option("socket", "socket", TEXT, "", "tailscaled socket path for -verify-clients",
+           _env("DERP_SOCKET", "TS_SOCKET", "TAILSCALED_SOCKET_PATH", "SOCKET")),
+    Option("accept_connection_limit", "accept-connection-limit",
+           Kind("float", _rate_limit, 'a number of connections per second, zero or more, or "inf"', (str, int, float)),
+           math.inf, "TLS connections accepted per second",
+           _env("DERP_ACCEPT_CONNECTION_LIMIT", "ACCEPT_CONNECTION_LIMIT"), default_text="+Inf"),
+    Option("accept_connection_burst", "accept-connection-burst",
+           Kind("int", _int_range(0, sys.maxsize), "a whole number, zero or more", _NUMBERS),
+           sys.maxsize, "burst for -accept-connection-limit",
+           _env("DERP_ACCEPT_CONNECTION_BURST", "ACCEPT_CONNECTION_BURST")),
+    Option("rate_config", "rate-config", TEXT, "", "JSON file of per-client receive rate limits (reloaded on SIGHUP)",
+           _env("DERP_RATE_CONFIG")),
+    Option("tcp_keepalive_time", "tcp-keepalive-time",
+           Kind("duration", parse_go_duration, DURATION_FORMS + "; negative disables keepalive", _DURATIONS),
+           600.0, "TCP keepalive time", _env("DERP_TCP_KEEPALIVE_TIME", "TCP_KEEPALIVE_TIME"), default_text="10m0s"),
+    Option("tcp_user_timeout", "tcp-user-timeout", DURATION, 15.0, "TCP_USER_TIMEOUT on accepted sockets",
+           _env("DERP_TCP_USER_TIMEOUT", "TCP_USER_TIMEOUT"), default_text="15s"),
+    Option("tcp_write_timeout", "tcp-write-timeout", DURATION, 2.0, "per-write deadline for clients; 0 means none",
+           _env("DERP_TCP_WRITE_TIMEOUT", "TCP_WRITE_TIMEOUT"), default_text="2s"),
+    Option("ace", "ace", BOOL, False, "experimental CONNECT proxy", _env("DERP_ACE")),
+    Option("config_file", "config-file", TEXT, "", "YAML file of settings (keys are flag names)",
+           _env("DERP_CONFIG_FILE"), in_file=False),
+    Option("tls", "tls", _choices("auto", "on", "off"), "auto",
+           "serve TLS: auto follows derper (port 443 or certmode manual)", _env("DERP_TLS")),
+    Option("log_level", "log-level", _choices("debug", "info", "warn", "error"), "info", "log level",
+           _env("DERP_LOG_LEVEL")),
+    Option("log_format", "log-format", _choices("text", "json"), "text", "log format", _env("DERP_LOG_FORMAT")),
+)
+
+_BY_FLAG = {opt.flag: opt for opt in SETTINGS_TABLE}
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
+    """Build Settings from argv (without the program name) and an environment mapping."""
+    cli = _parse_argv(argv)
+    warnings: list[str] = []
+    config_file = _resolve(_BY_FLAG["config-file"], cli, environ, {}, warnings)
+    from_file = _read_config_file(config_file) if config_file else {}
+    values = {
+        opt.field: _resolve(opt, cli, environ, from_file, warnings)
+        for opt in SETTINGS_TABLE
+        if opt.field != "config_file"
+    }
+    values["config_file"] = config_file or None
+    values["key_path"] = values["key_path"] or None
+    if values["dev"]:
+        # derper -dev overrides -a and uses a throwaway key; derpbox also keeps it off the network.
+        values.update(addr=f"{DEV_HOST}:{DEV_PORT}", stun=True, key_path=None)
+    elif values["key_path"] is None and not values["version_requested"]:
+        values["key_path"] = keys.default_key_path(os.geteuid() == 0)
+        if values["key_path"] is None:
+            raise ConfigError(
+                "no node key file: derper's rule is that without -c only root gets the default "
+                f"{keys.ROOT_KEY_PATH}; set -c PATH or DERP_CONFIG_PATH=PATH (the file is created if missing)"
+            )
+    values["listen_host"], values["listen_port"] = split_listen_addr(values["addr"])
+    settings = Settings(warnings=tuple(warnings), **values)
+    if not settings.version_requested:
+        _check_consistency(settings, environ)
+    return settings
+
+
+def _parse_argv(argv: list[str]) -> dict[str, tuple[str, str]]:
+    """Go flag-package syntax -> {flag: (flag as written, value text)}."""
+    found: dict[str, tuple[str, str]] = {}
+    last_bare_bool = ""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest = list(args)
+            if rest:
+                raise ConfigError(f"unexpected argument {rest[0]!r}: derpbox takes only flags")
+            break
+        if len(arg) < 2 or arg[0] != "-":
+            hint = ""
+            if last_bare_bool and arg in _GO_TRUE + _GO_FALSE:
+                hint = f"; {last_bare_bool} is a boolean flag and takes no separate value, write {last_bare_bool}={arg}"
+            raise ConfigError(f"unexpected argument {arg!r}: derpbox takes only flags{hint}")
+        dashes = 2 if arg.startswith("--") else 1
+        name, has_value, value = arg[dashes:].partition("=")
+        if not name or name[0] in "-=":
+            raise ConfigError(f"bad flag syntax: {arg}")
+        spelled = arg[: dashes + len(name)]
+        opt = _BY_FLAG.get(name)
+        if opt is None:
+            if name in ("h", "help"):
+                raise UsageRequested(usage())
+            raise ConfigError(f"flag provided but not defined: {spelled} (run with -help for the list)")
+        last_bare_bool = spelled if opt.kind is BOOL and not has_value else ""
+        if opt.kind is BOOL:
+            text = value if has_value else "true"
+        elif has_value:
+            text = value
+        else:
+            text = next(args, None)
+            if text is None:
+                raise ConfigError(f"flag needs an argument: {spelled} ({opt.kind.forms})")
+        found[opt.flag] = (spelled, text)
+    return found
+
+
+_UNSET = object()
+
+
+def _resolve(
+    opt: Option,
+    cli: dict[str, tuple[str, str]],
+    environ: Mapping[str, str],
+    from_file: dict[str, tuple[str, Any]],
+    warnings: list[str],
+) -> Any:
+    if opt.flag in cli:
+        spelled, text = cli[opt.flag]
+        return _parse(opt, opt.kind.parse, text, f"flag {spelled}", opt.kind.forms)
+    value = _from_env(opt, environ, warnings)
+    if value is not _UNSET:
+        return value
+    if opt.flag in from_file:
+        return _from_file(opt, *from_file[opt.flag])
+    return opt.default(environ) if callable(opt.default) else opt.default
+
+
+def _parse(opt: Option, parse: Callable[[str], Any], text: str, where: str, forms: str) -> Any:
+    try:
+        return parse(text)
+    except ValueError as e:
+        shown = "(value hidden)" if opt.secret else repr(text)
+        raise ConfigError(f"invalid value {shown} for {where}: {e}; accepted: {forms}") from None
+
+
+def _from_env(opt: Option, environ: Mapping[str, str], warnings: list[str]) -> Any:
+    """Primary name first, then aliases; report every other set name whose value differs."""
+    parse, forms = (_env_bool, ENV_BOOL_FORMS) if opt.kind is BOOL else (opt.kind.parse, opt.kind.forms)
+    candidates = []
+    for env in opt.env:
+        # Images pass unset variables through as "", so empty means unset.
+        raw = environ.get(env.name, "").strip()
+        if not raw:
+            continue
+        where = f"environment variable {env.name} (setting -{opt.flag})"
+        env_forms = env.forms or forms
+        text = _parse(opt, env.transform, raw, where, env_forms) if env.transform else raw
+        if text is not None:
+            candidates.append((env.name, raw, text, where, env_forms))
+    if not candidates:
+        return _UNSET
+    chosen, chosen_raw, text, where, env_forms = candidates[0]
+    value = _parse(opt, parse, text, where, env_forms)
+    for name, raw, other_text, other_where, other_forms in candidates[1:]:
+        try:
+            same = _parse(opt, parse, other_text, other_where, other_forms) == value
+        except ConfigError:
+            same = False
+        if not same:
+            detail = "" if opt.secret else f" ({chosen_raw!r} vs {raw!r})"
+            warnings.append(f"{chosen} and {name} are both set and differ{detail}; using {chosen}")
+    return value
+
+
+def _read_config_file(path: str) -> dict[str, tuple[str, Any]]:
+    """YAML mapping of flag names (dashes or underscores) -> {flag: (where, value)}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"config file {path}: the top level must be a mapping of setting names to values, "
+            f"not a {type(doc).__name__}"
+        )
+    known = {opt.flag: opt for opt in SETTINGS_TABLE if opt.in_file}
+    found: dict[str, tuple[str, Any]] = {}
+    for key, value in doc.items():
+        opt = known.get(key.replace("_", "-")) if isinstance(key, str) else None
+        if opt is None:
+            close = difflib.get_close_matches(str(key).replace("_", "-"), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint} (keys are derpbox's flag names)")
+        if opt.flag in found:
+            raise ConfigError(f"config file {path}: {key!r} sets -{opt.flag} a second time")
+        # A key with no value (e.g. a template's "hostname:") leaves the setting alone.
+        if value is not None:
+            found[opt.flag] = (f"{key!r} in config file {path}", value)
+    return found
+
+
+def _from_file(opt: Option, where: str, value: Any) -> Any:
+    # bool is an int subclass, so check it separately: "stun-port: yes" must not become 1.
+    if isinstance(value, bool) != (opt.kind is BOOL) or not isinstance(value, opt.kind.file_types):
+        expected = " or ".join({bool: "true/false", str: "text", int: "an integer", float: "a number",
+                                list: "a list"}[t] for t in opt.kind.file_types)
+        raise ConfigError(f"wrong type for {where}: got {type(value).__name__}, expected {expected} "
+                          f"({opt.kind.forms})")
+    if isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"wrong type for {where}: list items must be text")
+        value = ",".join(value)
+    elif isinstance(value, bool):
+        value = "true" if value else "false"
+    return _parse(opt, opt.kind.parse, str(value), where, opt.kind.forms)
+
+
+def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
+    """Cross-setting rules that derper enforces at start-up."""
+    if s.mesh_with:
+        has_key = bool(environ.get(DEV_MESH_KEY_ENV)) if s.dev else bool(s.mesh_psk_file or s.secrets_url)
+        if not has_key:
+            source = f"the {DEV_MESH_KEY_ENV} environment variable (-dev)" if s.dev else (
+                "-mesh-psk-file (DERP_MESH_PSK_FILE) or -secrets-url (DERP_SECRETS_URL)")
+            raise ConfigError(f"-mesh-with (DERP_MESH_WITH) needs a mesh key: set {source}")
+    if not s.use_tls:
+        return
+    if not s.certdir:
+        raise ConfigError("-certdir (DERP_CERT_DIR) must not be empty when serving TLS")
+    if s.acme_ip_certs and s.certmode != "letsencrypt":
+        raise ConfigError(f"-acme-ip-certs needs -certmode letsencrypt, not {s.certmode!r}")
+    if s.certmode == "letsencrypt" and s.hostname_is_ip and not s.acme_ip_certs:
+        raise ConfigError(
+            f"-hostname {s.hostname!r} is an IP address, which -certmode letsencrypt cannot get a certificate for; "
+            "use -certmode manual (self-signed) or add -acme-ip-certs"
+        )
+    if s.certmode == "gcp":
+        if s.hostname_is_ip:
+            raise ConfigError(f"-certmode gcp needs a DNS -hostname, not the IP address {s.hostname!r}")
+        missing = [flag for flag, value in (("-acme-eab-kid", s.acme_eab_kid), ("-acme-eab-key", s.acme_eab_key),
+                                            ("-acme-email", s.acme_email)) if not value]
+        if missing:
+            raise ConfigError(f"-certmode gcp needs {', '.join(missing)} (DERP_ACME_EAB_KID, DERP_ACME_EAB_KEY, "
+                              "DERP_ACME_EMAIL)")
+
+
+def usage(prog: str = "derpbox") -> str:
+    """Go-flag-style usage text, with each setting's environment variables."""
+    lines = [f"Usage of {prog}:"]
+    for opt in SETTINGS_TABLE:
+        lines.append(f"  -{opt.flag}" + (f" {opt.kind.type_name}" if opt.kind.type_name else ""))
+        default = opt.default_text or _default_text(opt.default)
+        lines.append(f"    \t{opt.help}" + (f" (default {default})" if default else ""))
+        if opt.env:
+            lines.append(f"    \tenv: {', '.join(env.name for env in opt.env)}")
+    return "\n".join(lines) + "\n"
+
+
+def _default_text(value: Any) -> str:
+    if value is True:
+        return "true"
+    if isinstance(value, str) and value:
+        return f'"{value}"'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return ""

@@ -1,0 +1,367 @@
+"""One client connection as the relay sees it: handshake, frame dispatch, queues.
+
+The transport adapter feeds stream bytes in with ``feed`` and provides ``conn``
+(write/abort/close). The peer is the transport's push producer, so a slow reader
+pauses only its own writes: packets for it wait in two bounded queues (disco and
+other) that drop their oldest entry when full (spec 1.7).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from ..protocol.frames import (
+    CLIENT_FRAME_BOUNDS,
+    HEADER_LEN,
+    KEEP_ALIVE_FRAME,
+    KEY_LEN,
+    FrameError,
+    FrameReader,
+    FrameType,
+    PeerGoneReason,
+    peer_gone_frame,
+    pong_frame,
+)
+from ..protocol.handshake import HANDSHAKE_TIMEOUT, HandshakeError, read_client_info
+
+if TYPE_CHECKING:
+    from .relay import Relay
+
+log = Logger()
+
+KEEPALIVE_INTERVAL = 60.0
+KEEPALIVE_JITTER = 5.0
+RECV_HEADER_LEN = HEADER_LEN + KEY_LEN
+NOT_HERE_RATE = 1.0
+NOT_HERE_BURST = 3.0
+
+_SEND = FrameType.SEND_PACKET
+_PING = FrameType.PING
+_NOTE_PREFERRED = FrameType.NOTE_PREFERRED
+_FORWARD = FrameType.FORWARD_PACKET
+_WATCH = FrameType.WATCH_CONNS
+_CLOSE_PEER = FrameType.CLOSE_PEER
+
+HANDSHAKE, ACTIVE, CLOSED = "handshake", "active", "closed"
+
+
+class Conn(Protocol):
+    """What a transport adapter gives a peer."""
+
+    def write(self, data: bytes) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class Peer:
+    __slots__ = (
+        "relay",
+        "conn",
+        "remote",
+        "conn_id",
+        "key",
+        "info",
+        "state",
+        "is_mesh",
+        "not_ideal",
+        "preferred",
+        "connected_at",
+        "is_dup",
+        "dirty",
+        "paused",
+        "disco_q",
+        "data_q",
+        "ctrl",
+        "pong",
+        "sent_to",
+        "_handshake_buf",
+        "_reader",
+        "_not_here_tokens",
+        "_not_here_at",
+        "_timer",
+        "_write_timer",
+    )
+
+    def __init__(self, relay: Relay, conn: Conn, remote: tuple[str, int], *, not_ideal: bool = False):
+        self.relay = relay
+        self.conn = conn
+        self.remote = remote
+        self.conn_id = 0
+        self.key = b""
+        self.info = None
+        self.state = HANDSHAKE
+        self.is_mesh = False
+        self.not_ideal = not_ideal
+        self.preferred = False
+        self.connected_at = 0.0
+        self.is_dup = False
+        self.dirty = False
+        self.paused = False
+        self.disco_q = deque()
+        self.data_q = deque()
+        self.ctrl = []
+        self.pong = None
+        self.sent_to = None
+        self._handshake_buf = b""
+        self._reader = None
+        self._not_here_tokens = NOT_HERE_BURST
+        self._not_here_at = 0.0
+        self._timer = None
+        self._write_timer = None
+
+    def __repr__(self):
+        key = self.key.hex()[:8] if self.key else "?"
+        return f"<Peer {key} {self.remote[0]}:{self.remote[1]} {self.state}>"
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Send ServerKey and arm the handshake deadline (spec 1.4)."""
+        self.conn.write(self.relay.handshake.server_key_frame)
+        self._timer = self.relay.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        self.fail(f"handshake not completed within {HANDSHAKE_TIMEOUT:g} s")
+
+    def fail(self, reason: str) -> None:
+        """Close this connection for a protocol violation; logged once."""
+        if self.state == CLOSED:
+            return
+        if self.state == HANDSHAKE:
+            self.relay.stats.handshake_failures += 1
+        else:
+            self.relay.stats.protocol_errors += 1
+        log.info("closing {peer}: {reason}", peer=self, reason=reason)
+        self.conn.abort()
+        self.connection_lost()
+
+    def close(self) -> None:
+        """Close after writing what is queued (used by ClosePeer and shutdown)."""
+        if self.state == CLOSED:
+            return
+        self._flush()
+        self.conn.close()
+        self.connection_lost()
+
+    def connection_lost(self) -> None:
+        if self.state == CLOSED:
+            return
+        was_active = self.state == ACTIVE
+        self.state = CLOSED
+        for timer in (self._timer, self._write_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._write_timer = None
+        if was_active:
+            self.relay.unregister(self)
+            self.relay.flush()
+
+    # -- input -----------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self.state == HANDSHAKE:
+            data = self._feed_handshake(data)
+            if not data:
+                return
+        elif self.state == CLOSED:
+            return
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as e:
+            self.fail(str(e))
+            return
+        relay = self.relay
+        if self.is_dup:
+            relay.note_activity(self)
+        for ftype, payload in frames:
+            if ftype == _SEND:
+                relay.send_packet(self, payload)
+            elif ftype == _PING:
+                self._on_ping(payload)
+            elif ftype == _NOTE_PREFERRED:
+                self._on_note_preferred(payload[0] != 0)
+            elif ftype == _FORWARD or ftype == _WATCH or ftype == _CLOSE_PEER:
+                if not self.is_mesh:
+                    self.fail(f"{FrameType(ftype).name} requires the mesh key: insufficient permissions")
+                    break
+                relay.mesh_frame(self, ftype, payload)
+            if self.state == CLOSED:
+                break
+        relay.flush()
+
+    def _feed_handshake(self, data: bytes) -> bytes:
+        buf = self._handshake_buf + data if self._handshake_buf else data
+        try:
+            got = read_client_info(buf)
+            if got is None:
+                self._handshake_buf = bytes(buf)
+                return b""
+            payload, used = got
+            info, box = self.relay.handshake.open_client_info(payload)
+        except HandshakeError as e:
+            self.fail(str(e))
+            return b""
+        self._handshake_buf = b""
+        self._timer.cancel()
+        self._timer = None
+        self.key = info.key
+        self.info = info
+        self.is_mesh = self.relay.is_mesh_key(info.mesh_key)
+        if not self.relay.admit(self):
+            self.fail("rejected by admission")
+            return b""
+        self._reader = FrameReader(CLIENT_FRAME_BOUNDS)
+        self.state = ACTIVE
+        self.connected_at = self.relay.clock.seconds()
+        self.relay.register(self)
+        self.conn.write(self.relay.handshake.server_info_frame(box))
+        self._schedule_keepalive(KEEPALIVE_INTERVAL + random.random() * KEEPALIVE_JITTER)
+        return buf[used:]
+
+    def _on_ping(self, payload) -> None:
+        self.relay.stats.got_ping += 1
+        # One pending pong at most; more pings while one waits are ignored (spec 1.5).
+        if self.pong is None:
+            self.pong = bytes(payload[:8])
+            self.mark_dirty()
+
+    def _on_note_preferred(self, preferred: bool) -> None:
+        if preferred == self.preferred:
+            return
+        self.preferred = preferred
+        stats = self.relay.stats
+        stats.current_home_connections += 1 if preferred else -1
+        if self.relay.clock.seconds() - self.connected_at > 5.0:
+            if preferred:
+                stats.home_moves_in += 1
+            else:
+                stats.home_moves_out += 1
+
+    def not_here_allowed(self) -> bool:
+        """Token bucket for PeerGone(NotHere): 1 per second, burst 3 (spec 1.6)."""
+        now = self.relay.clock.seconds()
+        tokens = min(NOT_HERE_BURST, self._not_here_tokens + (now - self._not_here_at) * NOT_HERE_RATE)
+        self._not_here_at = now
+        if tokens < 1.0:
+            self._not_here_tokens = tokens
+            return False
+        self._not_here_tokens = tokens - 1.0
+        return True
+
+    # -- output ----------------------------------------------------------
+
+    def enqueue_packet(self, frame: bytes, disco: bool) -> None:
+        """Queue a RecvPacket frame, dropping the oldest queued one when full."""
+        q = self.disco_q if disco else self.data_q
+        if len(q) >= self.relay.queue_depth:
+            if not self.paused:
+                # One read can carry more packets for us than a queue holds; a
+                # writable transport takes them now rather than dropping any.
+                self._flush()
+            else:
+                old = q.popleft()
+                self.relay.stats.drop("queue_head", disco, len(old) - RECV_HEADER_LEN)
+        q.append(frame)
+        if not self.dirty:
+            self.dirty = True
+            self.relay.dirty.append(self)
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a frame that is never dropped (PeerGone, PeerPresent, KeepAlive)."""
+        self.ctrl.append(frame)
+        self.mark_dirty()
+
+    def send_peer_gone(self, key: bytes, reason: PeerGoneReason) -> None:
+        stats = self.relay.stats
+        if reason == PeerGoneReason.NOT_HERE:
+            stats.peer_gone_not_here_frames += 1
+        else:
+            stats.peer_gone_disconnected_frames += 1
+        self.send_control(peer_gone_frame(key, reason))
+
+    def mark_dirty(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.relay.dirty.append(self)
+
+    def _flush(self) -> None:
+        """Write everything queued in one write, so TLS seals one record per batch."""
+        parts = self.ctrl
+        if parts:
+            self.ctrl = []
+        else:
+            parts = []
+        if self.pong is not None:
+            parts.append(pong_frame(self.pong))
+            self.pong = None
+            self.relay.stats.sent_pong += 1
+        npackets = len(self.disco_q) + len(self.data_q)
+        if npackets:
+            ctrl_len = sum(map(len, parts))
+            parts.extend(self.disco_q)
+            parts.extend(self.data_q)
+            self.disco_q.clear()
+            self.data_q.clear()
+            data = b"".join(parts)
+            stats = self.relay.stats
+            stats.packets_sent += npackets
+            stats.bytes_sent += len(data) - ctrl_len - npackets * RECV_HEADER_LEN
+        elif parts:
+            data = b"".join(parts)
+        else:
+            return
+        self.conn.write(data)
+
+    def flush_if_writable(self) -> None:
+        self.dirty = False
+        if not self.paused and self.state != CLOSED:
+            self._flush()
+
+    def drop_queued(self) -> None:
+        """Count what a closing connection leaves unsent (spec 1.7)."""
+        stats = self.relay.stats
+        for q, disco in ((self.disco_q, True), (self.data_q, False)):
+            for frame in q:
+                stats.drop("gone_disconnected", disco, len(frame) - RECV_HEADER_LEN)
+            q.clear()
+
+    def _schedule_keepalive(self, delay: float) -> None:
+        self._timer = self.relay.clock.callLater(delay, self._keepalive)
+
+    def _keepalive(self) -> None:
+        self.send_control(KEEP_ALIVE_FRAME)
+        self.relay.flush()
+        if self.state == ACTIVE:
+            self._schedule_keepalive(KEEPALIVE_INTERVAL)
+
+    # -- IPushProducer: the transport tells us when its buffer is full ----
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        timeout = self.relay.write_timeout_for(self)
+        if timeout and self._write_timer is None and self.state != CLOSED:
+            self._write_timer = self.relay.clock.callLater(timeout, self._write_timed_out)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self.state != CLOSED:
+            self._flush()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self.relay.stats.sclient_write_timeouts += 1
+        self.fail(f"write blocked for {self.relay.write_timeout_for(self):g} s")

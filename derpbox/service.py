@@ -1,0 +1,191 @@
+"""The service tree: wires Settings to the relay, listeners, TLS and STUN."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nacl.public import PrivateKey
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from .config import ConfigError, Settings
+from .keys import load_or_create_key, node_public_text
+from .relay.relay import Relay
+from .stun_server import STUNService, STUNStats
+from .tls.certs import (
+    CertificateError,
+    ManualCertificateSource,
+    cert_paths,
+    derp_map_node_json,
+    ensure_ip_self_signed,
+)
+from .tls.context import ServerTLS
+from .web.connection import FrontFactory
+from .web.endpoints import build_main_site
+from .web.port80 import build_port80_site
+
+log = Logger()
+
+QUEUE_DEPTH_ENV = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"
+
+
+def _endpoint(reactor, host: str, port: int):
+    """One listening endpoint; an empty host means every address, IPv4 and IPv6."""
+    if ":" in host or host == "":
+        # A "::" socket on Linux also accepts IPv4 unless IPV6_V6ONLY is set.
+        return TCP6ServerEndpoint(reactor, port, interface=host or "::")
+    return TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+class ListenerService(Service):
+    """Listens on an endpoint while running; ``port`` is the listening port."""
+
+    def __init__(self, endpoint, factory, what: str):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.what = what
+        self.port = None
+        self.ready: defer.Deferred | None = None
+
+    def startService(self):
+        super().startService()
+        self.ready = self.endpoint.listen(self.factory)
+        self.ready.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        addr = port.getHost()
+        log.info("{what} listening on {host}:{port}", what=self.what, host=addr.host, port=addr.port)
+        return port
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+def queue_depth_from_env(environ) -> int:
+    text = environ.get(QUEUE_DEPTH_ENV, "")
+    if not text:
+        return 32
+    try:
+        depth = int(text)
+    except ValueError:
+        depth = 0
+    if depth < 1:
+        raise ConfigError(f"{QUEUE_DEPTH_ENV}={text!r} is invalid: expected a positive integer (default 32)")
+    return depth
+
+
+def load_server_key(settings: Settings) -> PrivateKey:
+    if settings.key_path is None:
+        return PrivateKey.generate()
+    return load_or_create_key(settings.key_path)
+
+
+def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
+    """Certificates for the TLS listener; ACME modes come from a later source."""
+    if settings.certmode != "manual":
+        raise ConfigError(
+            f"-certmode={settings.certmode} (ACME) is not available in this version of derpbox; "
+            "use -certmode=manual with <certdir>/<hostname>.crt and .key, or an IP hostname "
+            "for a self-signed certificate"
+        )
+    try:
+        if settings.hostname_is_ip and not any(p.exists() for p in cert_paths(settings.certdir, settings.hostname)):
+            cert = ensure_ip_self_signed(settings.certdir, settings.hostname)
+            source = ManualCertificateSource(settings.certdir, settings.hostname)
+            _announce_ip_node(settings, cert)
+        else:
+            source = ManualCertificateSource(settings.certdir, settings.hostname)
+            if settings.hostname_is_ip:
+                _announce_ip_node(settings, source.current())
+    except CertificateError as e:
+        raise ConfigError(str(e)) from None
+    return ServerTLS(source, settings.hostname, public_key, strict_sni=not settings.hostname_is_ip)
+
+
+def _announce_ip_node(settings: Settings, cert) -> None:
+    node = derp_map_node_json(settings.hostname, cert, settings.listen_port, settings.stun_port)
+    log.info(
+        "IP certificate in use; add this node to your DERP map: {node}",
+        node=json.dumps(node),
+        derp_map_node=node,
+    )
+
+
+class DerpboxService(MultiService):
+    """The whole relay: main listener (TLS or plain), port 80, STUN."""
+
+    def __init__(self, settings: Settings, reactor, environ=os.environ):
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        private_key = load_server_key(settings)
+        self.relay = Relay(
+            private_key,
+            reactor,
+            queue_depth=queue_depth_from_env(environ),
+            write_timeout=settings.tcp_write_timeout,
+        )
+        self.site = build_main_site(derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname)
+        front = FrontFactory(
+            self.relay,
+            self.site,
+            reactor,
+            derp_enabled=settings.derp,
+            tcp_keepalive=settings.tcp_keepalive_time,
+            tcp_user_timeout=settings.tcp_user_timeout,
+        )
+        self.tls = None
+        factory = front
+        if settings.use_tls:
+            self.tls = build_tls(settings, self.relay.public_key)
+            factory = TLSMemoryBIOFactory(self.tls, False, front)
+        what = "DERP (TLS)" if self.tls else "DERP (plain HTTP)"
+        self.main = ListenerService(_endpoint(reactor, settings.listen_host, settings.listen_port), factory, what)
+        self.main.setServiceParent(self)
+        self.port80 = None
+        if self.tls and settings.http_port >= 0:
+            self.port80 = ListenerService(
+                _endpoint(reactor, settings.listen_host, settings.http_port),
+                build_port80_site(),
+                "HTTP (captive-portal check, redirect)",
+            )
+            self.port80.setServiceParent(self)
+        self.stun_stats = STUNStats()
+        self.stun = None
+        if settings.stun:
+            self.stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, reactor)
+            self.stun.setServiceParent(self)
+        log.info("server key {key}", key=node_public_text(self.relay.public_key))
+        for warning in settings.warnings:
+            log.warn("{warning}", warning=warning)
+        if not self.tls and not settings.dev:
+            log.warn(
+                "serving plain HTTP on port {port}: derper's rule gives TLS only on port 443 "
+                "or with -certmode=manual; Tailscale clients expect TLS",
+                port=settings.listen_port,
+            )
+
+    def listening(self) -> defer.Deferred:
+        """Fires with the service once every TCP listener is up."""
+        waits = [s.ready for s in (self.main, self.port80) if s is not None]
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: self)
+
+    @property
+    def derp_port(self) -> int:
+        return self.main.port.getHost().port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.port80.port.getHost().port if self.port80 and self.port80.port else None
+
+    @property
+    def stun_port(self) -> int | None:
+        return self.stun.ports[0].getHost().port if self.stun and self.stun.ports else None

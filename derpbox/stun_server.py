@@ -1,0 +1,124 @@
+"""Twisted adapter that serves the STUN codec on UDP, like derper's STUN listener."""
+
+import socket
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from derpbox.protocol.stun import RESPONSE_LEN_IPV4, build_binding_response, parse_binding_request
+
+log = Logger()
+
+# derper reads into a 64 KiB buffer; Twisted's default (8 KiB) would truncate larger datagrams.
+MAX_PACKET_SIZE = 64 * 1024
+
+
+class STUNStats:
+    """Counters behind derper's stun_requests{disposition} and stun_addrfamily{family}."""
+
+    def __init__(self) -> None:
+        # read_error keeps derper's label set; Twisted's UDP port handles recvfrom
+        # errors itself, so this adapter never sees one to count.
+        self.requests: dict[str, int] = dict.fromkeys(
+            ("success", "not_stun", "read_error", "write_error"), 0
+        )
+        self.addrfamily: dict[str, int] = dict.fromkeys(("ipv4", "ipv6"), 0)
+
+
+class STUNProtocol(DatagramProtocol):
+    """Answers Tailscale Binding Requests; everything else is only counted.
+
+    Nothing is logged per datagram: scanners and other STUN clients would
+    flood the log, and the counters already show them.
+    """
+
+    def __init__(self, stats: STUNStats) -> None:
+        self.stats = stats
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        txid = parse_binding_request(data)
+        if txid is None:
+            self.stats.requests["not_stun"] += 1
+            return
+        host, port = addr[0], addr[1]
+        response = build_binding_response(txid, host, port)
+        family = "ipv4" if len(response) == RESPONSE_LEN_IPV4 else "ipv6"
+        self.stats.addrfamily[family] += 1
+        try:
+            self.transport.write(response, (host, port))
+        except OSError:
+            self.stats.requests["write_error"] += 1
+        else:
+            self.stats.requests["success"] += 1
+
+
+def _listen_udp(reactor, host: str, port: int, stats: STUNStats) -> IListeningPort:
+    return reactor.listenUDP(
+        port, STUNProtocol(stats), interface=host, maxPacketSize=MAX_PACKET_SIZE
+    )
+
+
+def _listen_ipv6_only_wildcard(reactor, port: int, stats: STUNStats) -> IListeningPort:
+    # Twisted cannot set IPV6_V6ONLY before bind, and without it [::] would
+    # claim IPv4 too and collide with the 0.0.0.0 socket; so bind it here and
+    # hand the socket over (Twisted dups the descriptor, hence the close).
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::", port))
+            sock.setblocking(False)
+            return reactor.adoptDatagramPort(
+                sock.fileno(), socket.AF_INET6, STUNProtocol(stats), MAX_PACKET_SIZE
+            )
+    except OSError as e:
+        raise CannotListenError("::", port, e) from e
+
+
+def listen_stun(reactor, host: str, port: int, stats: STUNStats) -> list[IListeningPort]:
+    """Listen for STUN on host:port; host "" means every IPv4 and IPv6 interface.
+
+    For "" the IPv6 socket reuses the port the IPv4 one got, so port 0 yields
+    one port number; if IPv6 cannot be had there, STUN carries on over IPv4.
+    """
+    if host:
+        return [_listen_udp(reactor, host, port, stats)]
+    ipv4 = _listen_udp(reactor, "0.0.0.0", port, stats)
+    bound = ipv4.getHost().port
+    try:
+        ipv6 = _listen_ipv6_only_wildcard(reactor, bound, stats)
+    except CannotListenError as e:
+        log.warn(
+            "STUN not listening on [::]:{port}, IPv4 only: {error}",
+            port=bound,
+            error=e.socketError,
+        )
+        return [ipv4]
+    return [ipv4, ipv6]
+
+
+class STUNService(service.Service):
+    """Runs listen_stun for the lifetime of the service; `ports` holds the listeners."""
+
+    def __init__(self, host: str, port: int, stats: STUNStats, reactor=None) -> None:
+        self.host = host
+        self.port = port
+        self.stats = stats
+        self.ports: list[IListeningPort] = []
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            # Imported late so that importing this module never installs a reactor.
+            from twisted.internet import reactor
+        self.ports = listen_stun(reactor, self.host, self.port, self.stats)
+        super().startService()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])

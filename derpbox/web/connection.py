@@ -1,0 +1,253 @@
+"""The main listener's per-connection protocol.
+
+The first request head decides what a connection is: a DERP upgrade (raw DERP
+frames after the head), DERP over WebSocket, or ordinary HTTP handed to the
+twisted.web site. Bytes that follow the head in the same read are DERP stream
+(fast-start clients send ClientInfo with the request).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from ..protocol.upgrade import (
+    HTTPHeadError,
+    classify_derp_request,
+    derp_switching_response,
+    error_response,
+    ideal_node,
+    is_fast_start,
+    parse_request_head,
+)
+from ..protocol.websocket import (
+    BinaryData,
+    Close,
+    Ping,
+    WebSocketDecoder,
+    WebSocketError,
+    accept_response,
+    encode_binary,
+    encode_close,
+    encode_pong,
+)
+from ..relay.peer import Peer
+from ..relay.relay import Relay
+
+log = Logger()
+
+# Go's server gives a request 30 s to arrive; a connection that sends nothing is closed.
+HEAD_TIMEOUT = 30.0
+# Browsers accept any size, but small messages keep every WebSocket reader happy.
+WS_CHUNK = 32 << 10
+
+
+def remote_address(transport) -> tuple[str, int]:
+    """The peer's address with IPv4-mapped IPv6 unmapped, as a Go server reports it."""
+    addr = transport.getPeer()
+    host = getattr(addr, "host", "")
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            host = str(ip.ipv4_mapped)
+    except ValueError:
+        pass
+    return host, getattr(addr, "port", 0)
+
+
+def raw_socket(transport):
+    """The TCP socket under a (possibly TLS-wrapped) transport."""
+    while transport is not None:
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+class FrontConnection(Protocol):
+    # Set as instance attributes in DERP mode so the peer's writes skip a layer.
+    write = abort = close = None
+
+    def __init__(self, factory: FrontFactory):
+        self.factory = factory
+        self._buf = b""
+        self._peer: Peer | None = None
+        self._web = None
+        self._ws: WebSocketDecoder | None = None
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        self.factory.tune(self.transport)
+        self._timer = self.factory.clock.callLater(HEAD_TIMEOUT, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self._timer = None
+        log.debug("{addr}: no request within {t:g} s", addr=remote_address(self.transport), t=HEAD_TIMEOUT)
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._peer is not None:
+            if self._ws is None:
+                self._peer.feed(data)
+            else:
+                self._ws_received(data)
+        elif self._web is not None:
+            self._web.dataReceived(data)
+        else:
+            self._head_received(data)
+
+    def connectionLost(self, reason) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._peer is not None:
+            self._peer.connection_lost()
+        elif self._web is not None:
+            self._web.connectionLost(reason)
+
+    # -- the first request ------------------------------------------------
+
+    def _head_received(self, data: bytes) -> None:
+        self._buf += data
+        try:
+            head = parse_request_head(self._buf)
+        except HTTPHeadError as e:
+            log.info("{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason)
+            self.transport.write(error_response(e.status, e.reason))
+            self.transport.loseConnection()
+            self._buf = b""
+            return
+        if head is None:
+            return
+        self._timer.cancel()
+        self._timer = None
+        buf, self._buf = self._buf, b""
+        kind = classify_derp_request(head) if head.path == "/derp" and self.factory.derp_enabled else "none"
+        if kind == "none":
+            self._to_web(buf)
+        elif kind == "websocket":
+            self._start_websocket(head, buf[head.head_length :])
+        else:
+            self._start_derp(head, buf[head.head_length :])
+
+    def _to_web(self, buf: bytes) -> None:
+        channel = self.factory.site.buildProtocol(self.transport.getPeer())
+        self._web = channel
+        channel.makeConnection(self.transport)
+        channel.dataReceived(buf)
+
+    def _start_derp(self, head, rest: bytes) -> None:
+        factory = self.factory
+        stats = factory.relay.stats
+        stats.accepts += 1
+        if is_fast_start(head):
+            stats.fast_start_upgrades += 1
+        else:
+            self.transport.write(derp_switching_response(factory.relay.public_key))
+        transport = self.transport
+        self.write = transport.write
+        self.abort = transport.abortConnection
+        self.close = transport.loseConnection
+        self._begin(head, rest)
+
+    def _start_websocket(self, head, rest: bytes) -> None:
+        try:
+            response = accept_response(head)
+        except HTTPHeadError as e:
+            self.transport.write(error_response(e.status, e.reason))
+            self.transport.loseConnection()
+            return
+        stats = self.factory.relay.stats
+        stats.accepts += 1
+        stats.websocket_accepts += 1
+        self.transport.write(response)
+        self._ws = WebSocketDecoder()
+        transport = self.transport
+        self.write = self._ws_write
+        self.abort = transport.abortConnection
+        self.close = self._ws_close
+        self._begin(head, b"")
+        if rest:
+            self._ws_received(rest)
+
+    def _begin(self, head, rest: bytes) -> None:
+        peer = Peer(self.factory.relay, self, remote_address(self.transport), not_ideal=ideal_node(head) is not None)
+        self._peer = peer
+        self.transport.registerProducer(peer, True)
+        peer.start()
+        if rest:
+            peer.feed(rest)
+
+    # -- DERP over WebSocket ----------------------------------------------
+
+    def _ws_write(self, data: bytes) -> None:
+        write = self.transport.write
+        for i in range(0, len(data), WS_CHUNK):
+            write(encode_binary(data[i : i + WS_CHUNK]))
+
+    def _ws_close(self) -> None:
+        self.transport.write(encode_close(1000, ""))
+        self.transport.loseConnection()
+
+    def _ws_received(self, data: bytes) -> None:
+        try:
+            events = self._ws.feed(data)
+        except WebSocketError as e:
+            log.info("{peer}: WebSocket error {code}: {reason}", peer=self._peer, code=e.code, reason=e.reason)
+            self.transport.write(encode_close(e.code, e.reason))
+            self._peer.fail(f"WebSocket error {e.code}: {e.reason}")
+            return
+        peer = self._peer
+        for event in events:
+            if isinstance(event, BinaryData):
+                peer.feed(event.data)
+            elif isinstance(event, Ping):
+                self.transport.write(encode_pong(event.payload))
+            elif isinstance(event, Close):
+                self._ws_close()
+                peer.connection_lost()
+                return
+
+
+class FrontFactory(Factory):
+    protocol = FrontConnection
+    noisy = False
+
+    def __init__(
+        self,
+        relay: Relay,
+        site: Site,
+        clock,
+        *,
+        derp_enabled: bool = True,
+        tcp_keepalive: float = 600.0,
+        tcp_user_timeout: float = 15.0,
+    ):
+        self.relay = relay
+        self.site = site
+        self.clock = clock
+        self.derp_enabled = derp_enabled
+        self.tcp_keepalive = tcp_keepalive
+        self.tcp_user_timeout = tcp_user_timeout
+
+    def buildProtocol(self, addr):
+        p = FrontConnection(self)
+        p.factory = self
+        return p
+
+    def tune(self, transport) -> None:
+        """Socket options derper sets; NODELAY matters: without it latency jumps to ms."""
+        sock = raw_socket(transport)
+        if sock is None:
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tcp_keepalive > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(self.tcp_keepalive)))
+        if self.tcp_user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.tcp_user_timeout * 1000))

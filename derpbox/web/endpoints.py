@@ -1,0 +1,230 @@
+"""HTTP endpoints of the main DERP listener (spec 2.2), as a twisted.web Site.
+
+The DERP connection protocol answers a `/derp` upgrade on the first request of a
+connection itself; every other request, on that connection or later keep-alive
+ones, is served by the Site built here.
+"""
+
+from __future__ import annotations
+
+import re
+from html import escape
+
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+__all__ = [
+    "BROWSER_HEADERS",
+    "Generate204Resource",
+    "QuietSite",
+    "add_browser_headers",
+    "build_main_site",
+    "http_error",
+    "reply",
+]
+
+BROWSER_HEADERS = {
+    b"Strict-Transport-Security": b"max-age=63072000; includeSubDomains",
+    b"Content-Security-Policy": (
+        b"default-src 'self'; frame-ancestors 'none'; form-action 'self'; "
+        b"base-uri 'self'; block-all-mixed-content; object-src 'none'"
+    ),
+    b"X-Frame-Options": b"DENY",
+    b"X-Content-Type-Options": b"nosniff",
+}
+
+_NO_CACHE = b"no-cache, no-store, must-revalidate, no-transform, max-age=0"
+_CHALLENGE = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+# Go's idle/read timeout on derper's HTTP servers.
+_IDLE_TIMEOUT = 30
+
+
+def add_browser_headers(request: server.Request) -> None:
+    for name, value in BROWSER_HEADERS.items():
+        request.setHeader(name, value)
+
+
+def reply(request: server.Request, body: bytes) -> bytes:
+    """Return `body` for render(), with its length declared also for HEAD.
+
+    Twisted logs a warning for every HEAD render that returns a body, so HEAD
+    gets the GET Content-Length and an empty body instead.
+    """
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return b"" if request.method == b"HEAD" else body
+
+
+def http_error(request: server.Request, code: int, message: str) -> bytes:
+    """Plain-text error shaped like Go's http.Error, which clients may match on."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    return reply(request, message.encode() + b"\n")
+
+
+class _Request(server.Request):
+    # Go sends no Content-Type for an empty body; Twisted would claim text/html.
+    defaultContentType = None
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # Scanners fingerprint "Server: TwistedWeb/x"; derper sends none.
+            self.responseHeaders.removeHeader(b"Server")
+            # A 204 must not carry Content-Length (RFC 9110 8.6).
+            if self.code == http.NO_CONTENT:
+                self.responseHeaders.removeHeader(b"Content-Length")
+        super().write(data)
+
+
+class QuietSite(server.Site):
+    """Site without access logging, Server header or HTTP/2."""
+
+    requestFactory = _Request
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource, timeout=_IDLE_TIMEOUT)
+
+    def log(self, request: server.Request) -> None:
+        # A relay is probed constantly; one log line per request is noise.
+        pass
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # DERP upgrades need HTTP/1.1; never negotiate h2 through ALPN.
+        return [b"http/1.1"]
+
+
+class _Leaf(Resource):
+    # Handlers take any method and any sub-path, like Go http.Handlers.
+    isLeaf = True
+
+
+class _DerpResource(_Leaf):
+    """`/derp` requests the DERP protocol did not take over."""
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__()
+        self._enabled = enabled
+
+    def render(self, request: server.Request) -> bytes:
+        if not self._enabled:
+            return http_error(request, http.NOT_FOUND, "derp server disabled")
+        return http_error(request, 426, "DERP requires connection upgrade")
+
+
+class _ProbeResource(_Leaf):
+    """`/derp/probe` and `/derp/latency-check`, timed by clients."""
+
+    def render(self, request: server.Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return http_error(request, http.NOT_ALLOWED, "bogus probe method")
+        # Browser clients probe with fetch() from another origin.
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        return reply(request, b"")
+
+
+class Generate204Resource(_Leaf):
+    """`/generate_204`: captive-portal check, shared with the port-80 site."""
+
+    def render(self, request: server.Request) -> bytes:
+        challenge = request.requestHeaders.getRawHeaders(b"X-Tailscale-Challenge")
+        # Go's Header.Get reads the first value.
+        if challenge and _CHALLENGE.fullmatch(challenge[0]):
+            request.setHeader(b"X-Tailscale-Response", b"response " + challenge[0])
+        request.setHeader(b"Cache-Control", _NO_CACHE)
+        request.setResponseCode(http.NO_CONTENT)
+        return b""
+
+
+class _RobotsResource(_Leaf):
+    def render(self, request: server.Request) -> bytes:
+        add_browser_headers(request)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return reply(request, b"User-agent: *\nDisallow: /\n")
+
+
+class _BootstrapDNSResource(_Leaf):
+    """`/bootstrap-dns`; empty until bootstrap names are configurable."""
+
+    def render(self, request: server.Request) -> bytes:
+        add_browser_headers(request)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Connection", b"close")
+        # The header alone does not make Twisted close; derper does close.
+        request.channel.persistent = False
+        return reply(request, b"")
+
+
+class _HomeResource(_Leaf):
+    """`/` and every unmatched path, as with Go's ServeMux."""
+
+    def __init__(self, *, home: str, derp_enabled: bool, hostname: str) -> None:
+        super().__init__()
+        self._redirect = home.encode() if home.startswith(("http://", "https://")) else None
+        self._page = b"" if home == "blank" else _home_page(derp_enabled, hostname)
+
+    def render(self, request: server.Request) -> bytes:
+        add_browser_headers(request)
+        if self._redirect is not None:
+            request.redirect(self._redirect)
+            return reply(request, b"")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return reply(request, self._page)
+
+
+def _home_page(derp_enabled: bool, hostname: str) -> bytes:
+    parts = [
+        "<html><body>\n<h1>DERP</h1>\n",
+        '<p>This is a <a href="https://tailscale.com/">Tailscale</a> DERP server.</p>\n',
+        "<p>Tailscale nodes that cannot reach each other directly relay their "
+        "end-to-end encrypted traffic through it, and use its STUN service to "
+        "learn their public addresses.</p>\n",
+        '<p>See <a href="https://tailscale.com/kb/1232/derp-servers">DERP servers</a> '
+        'and <a href="https://pkg.go.dev/tailscale.com/derp">the DERP protocol</a>.</p>\n',
+    ]
+    if not derp_enabled:
+        parts.append("<p>Status: DERP relaying is <b>disabled</b> on this server.</p>\n")
+    # derper shows an abuse contact only on Tailscale's own fleet.
+    if hostname.startswith("derp") and hostname.endswith(".tailscale.com"):
+        parts.append(
+            "<p>Report abuse of "
+            + escape(hostname)
+            + ' to <a href="mailto:security@tailscale.com">security@tailscale.com</a>.</p>\n'
+        )
+    parts.append("</body></html>\n")
+    return "".join(parts).encode()
+
+
+class _MainMux(_Leaf):
+    """Exact-path routes with a fallback, like derper's mux."""
+
+    def __init__(self, routes: dict[bytes, Resource], fallback: Resource) -> None:
+        super().__init__()
+        self._routes = routes
+        self._fallback = fallback
+
+    def render(self, request: server.Request) -> bytes:
+        # A CONNECT target ("host:port") is no path; derper refuses it without -ace.
+        if request.method == b"CONNECT":
+            return http_error(request, http.FORBIDDEN, "CONNECT not enabled")
+        return self._routes.get(request.path, self._fallback).render(request)
+
+
+def build_main_site(*, derp_enabled: bool, home: str, hostname: str) -> QuietSite:
+    """Build the Site for the main listener.
+
+    `home` is "" (default page), "blank" (empty page) or an http(s) URL to
+    redirect `/` to; anything else raises ValueError, as derper refuses it.
+    """
+    if home not in ("", "blank") and not home.startswith(("http://", "https://")):
+        raise ValueError(f"invalid home value {home!r}: want '', 'blank' or an http(s) URL")
+    probe = _ProbeResource()
+    routes: dict[bytes, Resource] = {
+        b"/derp": _DerpResource(derp_enabled),
+        b"/derp/probe": probe,
+        b"/derp/latency-check": probe,
+        b"/generate_204": Generate204Resource(),
+        b"/robots.txt": _RobotsResource(),
+        b"/bootstrap-dns": _BootstrapDNSResource(),
+    }
+    home_resource = _HomeResource(home=home, derp_enabled=derp_enabled, hostname=hostname)
+    return QuietSite(_MainMux(routes, home_resource))

@@ -1,0 +1,77 @@
+"""Plain-HTTP listener run beside the TLS listener (spec 2.3).
+
+It answers captive-portal checks and ACME http-01 challenges and sends
+everything else to HTTPS, so DERP is never served in clear text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from derpbox.web.endpoints import Generate204Resource, QuietSite, http_error, reply
+
+__all__ = ["ChallengeResponder", "build_port80_site"]
+
+ChallengeResponder = Callable[[str], bytes | None]
+"""ACME http-01 hook: maps a challenge token to its key authorization, or None."""
+
+_ACME_PREFIX = b"/.well-known/acme-challenge/"
+_NOT_FOUND = "404 page not found"  # Go's http.NotFound text
+
+
+class _Port80Resource(Resource):
+    isLeaf = True
+
+    def __init__(
+        self, generate_204: Resource, challenge_responder: ChallengeResponder | None
+    ) -> None:
+        super().__init__()
+        self._generate_204 = generate_204
+        self._challenge_responder = challenge_responder
+
+    def render(self, request: server.Request) -> bytes:
+        if request.path == b"/generate_204":
+            return self._generate_204.render(request)
+        if request.path.startswith(_ACME_PREFIX):
+            return self._acme_challenge(request)
+        if request.uri.startswith(b"/debug"):
+            # Debug pages, with their access checks, are not served yet.
+            return http_error(request, http.NOT_FOUND, _NOT_FOUND)
+        if request.method not in (b"GET", b"HEAD"):
+            return http_error(request, http.BAD_REQUEST, "Use HTTPS")
+        hosts = request.requestHeaders.getRawHeaders(b"Host")
+        if not hosts or not hosts[0]:
+            return http_error(request, http.BAD_REQUEST, "missing Host header")
+        # Like derper: Host verbatim (port included) plus the raw request URI.
+        request.redirect(b"https://" + hosts[0] + request.uri)
+        return reply(request, b"")
+
+    def _acme_challenge(self, request: server.Request) -> bytes:
+        token = request.path[len(_ACME_PREFIX) :].decode("latin-1")
+        answer = self._challenge_responder(token) if self._challenge_responder else None
+        if answer is None:
+            return http_error(request, http.NOT_FOUND, _NOT_FOUND)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return reply(request, answer)
+
+
+def build_port80_site(
+    *,
+    generate_204_resource: Resource | None = None,
+    challenge_responder: ChallengeResponder | None = None,
+) -> QuietSite:
+    """Build the Site for the plain-HTTP port-80 listener.
+
+    `generate_204_resource` lets the caller share the main site's handler; a
+    new Generate204Resource is used when omitted. `challenge_responder` is the
+    ACME http-01 hook: called with the token from
+    `/.well-known/acme-challenge/<token>`, it returns the key authorization to
+    serve, or None for an unknown token (404). Without it every challenge
+    path gets 404.
+    """
+    if generate_204_resource is None:
+        generate_204_resource = Generate204Resource()
+    return QuietSite(_Port80Resource(generate_204_resource, challenge_responder))

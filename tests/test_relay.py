@@ -1,0 +1,278 @@
+"""The relay core without sockets: routing, duplicates, PeerGone, queues, timers."""
+
+import pytest
+from nacl.public import PrivateKey
+from twisted.internet.task import Clock
+
+from derpbox.protocol import frames as F
+from derpbox.protocol.frames import FrameReader, FrameType
+from derpbox.protocol.handshake import client_info_frame, open_server_info
+from derpbox.relay.peer import KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, Peer
+from derpbox.relay.relay import Relay
+
+DISCO = F.DISCO_MAGIC + bytes(56)
+
+
+class MemConn:
+    """Records what the peer writes, split into frames."""
+
+    def __init__(self):
+        self.reader = FrameReader(F.SERVER_FRAME_BOUNDS)
+        self.frames = []
+        self.writes = 0
+        self.aborted = self.closed = False
+
+    def write(self, data):
+        self.writes += 1
+        self.frames += [(t, bytes(p)) for t, p in self.reader.feed(data)]
+
+    def abort(self):
+        self.aborted = True
+
+    def close(self):
+        self.closed = True
+
+    def take(self, ftype=None):
+        got = [(t, p) for t, p in self.frames if ftype is None or t == ftype]
+        self.frames = [(t, p) for t, p in self.frames if not (ftype is None or t == ftype)]
+        return got
+
+
+@pytest.fixture
+def relay():
+    return Relay(PrivateKey.generate(), Clock(), write_timeout=2.0)
+
+
+def connect(relay, key=None, info=None):
+    key = key or PrivateKey.generate()
+    conn = MemConn()
+    peer = Peer(relay, conn, ("192.0.2.1", 4242))
+    peer.start()
+    peer.feed(client_info_frame(key, relay.public_key, info or {"version": 2, "CanAckPings": True}))
+    relay.flush()
+    assert [t for t, _ in conn.frames] == [FrameType.SERVER_KEY, FrameType.SERVER_INFO]
+    assert open_server_info(key, relay.public_key, conn.frames[1][1]) == {"version": 2}
+    conn.frames.clear()
+    return peer, conn, key
+
+
+def pub(key):
+    return bytes(key.public_key)
+
+
+def send(peer, dst, data):
+    peer.feed(F.send_packet_frame(dst, data))
+
+
+def test_relay_packet_with_source_key(relay):
+    a, ca, ka = connect(relay)
+    b, cb, kb = connect(relay)
+    send(a, pub(kb), b"hello")
+    assert cb.take() == [(FrameType.RECV_PACKET, pub(ka) + b"hello")]
+    s = relay.stats
+    assert (s.packets_received, s.packets_sent, s.bytes_received, s.bytes_sent) == (1, 1, 5, 5)
+    assert s.packets_received_other == 1 and s.current_connections == 2
+
+
+def test_one_read_one_write_per_destination(relay):
+    a, _, _ = connect(relay)
+    b, cb, kb = connect(relay)
+    cb.writes = 0
+    a.feed(b"".join(F.send_packet_frame(pub(kb), bytes([i]) * 100) for i in range(20)))
+    assert cb.writes == 1
+    assert [p[32:] for _, p in cb.take()] == [bytes([i]) * 100 for i in range(20)]
+
+
+def test_unknown_dest_counts_and_not_here_only_for_disco(relay):
+    a, ca, _ = connect(relay)
+    nobody = bytes(32)
+    send(a, nobody, b"wireguard data")
+    assert ca.take() == []
+    assert relay.stats.dropped_packets[("unknown_dest", "other")] == 1
+    send(a, nobody, DISCO)
+    assert ca.take() == [(FrameType.PEER_GONE, nobody + b"\x01")]
+    assert relay.stats.dropped_packets[("unknown_dest", "disco")] == 1
+    assert relay.stats.peer_gone_not_here_frames == 1
+
+
+def test_not_here_rate_limit_burst_3_then_1_per_second(relay):
+    a, ca, _ = connect(relay)
+    for _ in range(10):
+        send(a, bytes(32), DISCO)
+    assert len(ca.take(FrameType.PEER_GONE)) == 3
+    relay.clock.advance(1.0)
+    for _ in range(5):
+        send(a, bytes(32), DISCO)
+    assert len(ca.take(FrameType.PEER_GONE)) == 1
+    assert relay.stats.dropped_packets[("unknown_dest", "disco")] == 15
+
+
+def test_peer_gone_disconnected_to_those_who_received(relay):
+    a, ca, ka = connect(relay)
+    b, cb, kb = connect(relay)
+    c, cc, kc = connect(relay)
+    send(a, pub(kb), b"x")
+    cb.take()
+    a.connection_lost()
+    assert cb.take() == [(FrameType.PEER_GONE, pub(ka) + b"\x00")]
+    assert cc.take() == []  # c never heard from a
+    assert relay.stats.peer_gone_disconnected_frames == 1
+    assert relay.stats.current_connections == 2
+
+
+def test_duplicate_keys_last_writer_is_active(relay):
+    key = PrivateKey.generate()
+    old, c_old, _ = connect(relay, key)
+    new, c_new, _ = connect(relay, key)
+    s, cs, _ = connect(relay)
+    assert (relay.stats.current_dup_client_keys, relay.stats.current_dup_client_conns) == (1, 2)
+    assert relay.stats.total_dup_client_conns == 1
+    send(s, pub(key), b"1")
+    assert c_new.take() and not c_old.take()  # newest is active
+    old.feed(F.ping_frame(b"12345678"))  # any frame makes it active
+    c_old.take()
+    send(s, pub(key), b"2")
+    assert c_old.take(FrameType.RECV_PACKET) and not c_new.take()
+    # The active one leaves; the only other connection never sent: no active one.
+    third, c3, _ = connect(relay, key)
+    assert relay.stats.current_dup_client_conns == 3
+    third.connection_lost()
+    send(s, pub(key), b"3")
+    assert c_old.take(FrameType.RECV_PACKET)  # old spoke since the set formed: it takes over
+    old.connection_lost()
+    # Back to one connection: a plain, enabled client again, no PeerGone sent.
+    assert (relay.stats.current_dup_client_keys, relay.stats.current_dup_client_conns) == (0, 0)
+    send(s, pub(key), b"4")
+    assert c_new.take(FrameType.RECV_PACKET)
+    assert not cs.take(FrameType.PEER_GONE)
+    assert relay.check_consistency() == []
+
+
+def test_duplicates_with_no_sender_drop_as_dup_client(relay):
+    key = PrivateKey.generate()
+    p1, c1, _ = connect(relay, key)
+    p2, c2, _ = connect(relay, key)
+    p3, c3, _ = connect(relay, key)
+    s, _, _ = connect(relay)
+    p3.connection_lost()  # the active one leaves, nobody in the set has sent
+    send(s, pub(key), b"lost")
+    assert relay.stats.dropped_packets[("dup_client", "other")] == 1
+    assert not c1.take() and not c2.take()
+    p1.feed(F.note_preferred_frame(True))
+    send(s, pub(key), b"found")
+    assert c1.take(FrameType.RECV_PACKET)
+
+
+def test_queue_overflow_drops_oldest_and_counts(relay):
+    a, _, _ = connect(relay)
+    b, cb, kb = connect(relay)
+    b.pauseProducing()  # b's transport buffer is full
+    for i in range(40):
+        send(a, pub(kb), i.to_bytes(2, "big") + bytes(10))
+    assert relay.stats.dropped_packets[("queue_head", "other")] == 8
+    assert relay.stats.dropped_bytes[("queue_head", "other")] == 8 * 12
+    for i in range(40):
+        send(a, pub(kb), DISCO)
+    assert relay.stats.dropped_packets[("queue_head", "disco")] == 8
+    b.resumeProducing()
+    got = cb.take(FrameType.RECV_PACKET)
+    assert len(got) == 64
+    assert [int.from_bytes(p[32:34], "big") for _, p in got if not p[32:].startswith(F.DISCO_MAGIC)] == list(range(8, 40))
+
+
+def test_write_timeout_closes_stuck_client(relay):
+    a, _, _ = connect(relay)
+    b, cb, kb = connect(relay)
+    b.pauseProducing()
+    send(a, pub(kb), b"stuck")
+    relay.clock.advance(1.9)
+    assert not cb.aborted
+    relay.clock.advance(0.2)
+    assert cb.aborted and relay.stats.sclient_write_timeouts == 1
+    assert relay.stats.dropped_packets[("gone_disconnected", "other")] == 1
+    assert relay.stats.current_connections == 1
+
+
+def test_resume_cancels_write_timeout(relay):
+    b, cb, _ = connect(relay)
+    b.pauseProducing()
+    relay.clock.advance(1.5)
+    b.resumeProducing()
+    relay.clock.advance(5)
+    assert not cb.aborted
+
+
+def test_ping_pong_one_slot(relay):
+    a, ca, _ = connect(relay)
+    a.feed(F.ping_frame(b"abcdefgh" + b"ignored"))
+    assert ca.take() == [(FrameType.PONG, b"abcdefgh")]
+    a.pauseProducing()
+    a.feed(F.ping_frame(b"11111111") + F.ping_frame(b"22222222"))
+    a.resumeProducing()
+    assert ca.take() == [(FrameType.PONG, b"11111111")]
+    assert (relay.stats.got_ping, relay.stats.sent_pong) == (3, 2)
+
+
+def test_keepalive_every_60s_plus_fixed_jitter(relay):
+    a, ca, _ = connect(relay)
+    relay.clock.advance(KEEPALIVE_INTERVAL - 0.001)
+    assert ca.take() == []
+    relay.clock.advance(KEEPALIVE_JITTER)
+    assert ca.take() == [(FrameType.KEEP_ALIVE, b"")]
+    relay.clock.advance(KEEPALIVE_INTERVAL - 0.01)
+    assert ca.take() == []
+    relay.clock.advance(0.02)
+    assert ca.take() == [(FrameType.KEEP_ALIVE, b"")]
+
+
+def test_handshake_deadline(relay):
+    conn = MemConn()
+    peer = Peer(relay, conn, ("192.0.2.9", 1))
+    peer.start()
+    relay.clock.advance(9.9)
+    assert not conn.aborted
+    relay.clock.advance(0.2)
+    assert conn.aborted and relay.stats.handshake_failures == 1
+
+
+def test_note_preferred_bookkeeping(relay):
+    a, _, _ = connect(relay)
+    a.feed(F.note_preferred_frame(True))
+    assert relay.stats.current_home_connections == 1 and relay.stats.home_moves_in == 0
+    relay.clock.advance(6)
+    a.feed(F.note_preferred_frame(False))
+    a.feed(F.note_preferred_frame(True))
+    assert (relay.stats.home_moves_out, relay.stats.home_moves_in) == (1, 1)
+    a.connection_lost()
+    assert relay.stats.current_home_connections == 0
+
+
+def test_mesh_frames_need_mesh_key(relay):
+    for frame in (F.WATCH_CONNS_FRAME, F.close_peer_frame(bytes(32)), F.forward_packet_frame(bytes(32), bytes(32), b"")):
+        a, ca, _ = connect(relay)
+        a.feed(frame)
+        assert ca.aborted
+    assert relay.stats.protocol_errors == 3
+
+
+def test_mesh_watch_forward_close_peer():
+    mesh_key = bytes(range(32))
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh_key)
+    a, ca, ka = connect(relay)
+    m, cm, _ = connect(relay, info={"meshKey": mesh_key.hex()})
+    m.feed(F.WATCH_CONNS_FRAME)
+    present = cm.take(FrameType.PEER_PRESENT)
+    keys = {F.parse_peer_present(p)[0] for _, p in present}
+    assert pub(ka) in keys and len(present) == 2
+    b, cb, kb = connect(relay)
+    (_, p), = cm.take(FrameType.PEER_PRESENT)
+    key, ip16, port, flags = F.parse_peer_present(p)
+    assert (key, ip16[-4:], port, flags) == (pub(kb), bytes([192, 0, 2, 1]), 4242, F.PeerPresentFlags.IS_REGULAR)
+    m.feed(F.forward_packet_frame(b"S" * 32, pub(kb), b"fwd"))
+    assert cb.take() == [(FrameType.RECV_PACKET, b"S" * 32 + b"fwd")]
+    m.feed(F.forward_packet_frame(b"S" * 32, bytes(32), DISCO))
+    assert cm.take(FrameType.PEER_GONE) == [(FrameType.PEER_GONE, bytes(32) + b"\x01")]
+    assert relay.stats.dropped_packets[("unknown_dest_on_fwd", "disco")] == 1
+    m.feed(F.close_peer_frame(pub(kb)))
+    assert cb.closed
+    assert cm.take(FrameType.PEER_GONE) == [(FrameType.PEER_GONE, pub(kb) + b"\x00")]

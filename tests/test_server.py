@@ -1,0 +1,416 @@
+"""derpbox end to end on loopback: real sockets, real TLS, the package client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+import pytest_twisted
+from nacl.public import PrivateKey
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+
+from derpbox.client import DERPClient, DERPClientError
+from derpbox.protocol import frames as F
+from derpbox.protocol import stun
+from derpbox.protocol.frames import FrameType
+from derpbox.protocol.handshake import client_info_frame
+
+from .conftest import make_cert
+
+
+@pytest.fixture
+def log_lines():
+    """Formatted log messages emitted while the test runs."""
+    from twisted.logger import formatEvent
+
+    lines = []
+
+    def observer(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def relay_roundtrip(url, n=20, **kw):
+    a = DERPClient.connect(url, **kw)
+    b = DERPClient.connect(url, **kw)
+    try:
+        for i in range(n):
+            a.send_packet(b.public_key, b"a->b %d" % i)
+            b.send_packet(a.public_key, b"b->a %d" % i)
+        got_b = [b.recv_packet() for _ in range(n)]
+        got_a = [a.recv_packet() for _ in range(n)]
+        assert got_b == [(a.public_key, b"a->b %d" % i) for i in range(n)]
+        assert got_a == [(b.public_key, b"b->a %d" % i) for i in range(n)]
+        return a.connected, b.connected
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_relay_uses_fast_start(start_server):
+    server = yield start_server()
+    ca, cb = yield deferToThread(relay_roundtrip, server.url)
+    assert ca.tls_version == "TLSv1.3" and ca.fast_start and cb.fast_start
+    assert ca.server_key == server.relay.public_key
+    assert ca.server_info == {"version": 2}
+    assert server.stats.fast_start_upgrades == 2
+    assert server.stats.accepts == 2
+    assert server.stats.packets_sent == 40
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls12_relay_without_fast_start(start_server):
+    server = yield start_server()
+
+    def tls12():
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as s:
+                s.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
+                data = b""
+                while len(data) < 200:
+                    data += s.recv(4096)
+                return s.version(), s.selected_alpn_protocol(), data
+
+    version, alpn, data = yield deferToThread(tls12)
+    assert version == "TLSv1.2" and alpn is None
+    assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert F.server_key_frame(server.relay.public_key) in data
+    assert server.stats.fast_start_upgrades == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_exact_101_then_server_key(start_server):
+    server = yield start_server(tls=False)
+
+    def raw():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET /derp HTTP/1.1\r\nHost: h\r\nUser-Agent: Go-http-client/1.1\r\n"
+                      b"Connection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
+            data = b""
+            while len(data) < 45 or b"\r\n\r\n" not in data:
+                data += s.recv(4096)
+            return data
+
+    data = yield deferToThread(raw)
+    key = server.relay.public_key
+    expected = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
+        b"Derp-Version: 2\r\nDerp-Public-Key: " + key.hex().encode() + b"\r\n\r\n"
+    )
+    assert data == expected + F.server_key_frame(key)
+
+
+@pytest_twisted.inlineCallbacks
+def test_fast_start_sends_no_http_response_and_reads_pipelined_client_info(start_server):
+    server = yield start_server(tls=False)
+    key = PrivateKey.generate()
+    peer = PrivateKey.generate()
+
+    def raw():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            head = b"GET /derp HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nDerp-Fast-Start: 1\r\nUpgrade: DERP\r\n\r\n"
+            info = client_info_frame(key, server.relay.public_key, {"version": 2})
+            # Head, ClientInfo and a packet in one write, as Go clients do.
+            s.sendall(head + info + F.send_packet_frame(bytes(peer.public_key), b"early"))
+            data = b""
+            while len(data) < 45 + 58:
+                data += s.recv(4096)
+            return data
+
+    data = yield deferToThread(raw)
+    assert data.startswith(F.server_key_frame(server.relay.public_key))
+    assert data[45] == FrameType.SERVER_INFO
+    assert server.stats.fast_start_upgrades == 1
+    assert server.stats.dropped_packets[("unknown_dest", "other")] == 1
+
+
+def http_get(port, request: bytes, tls=False) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        s = raw
+        if tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s = ctx.wrap_socket(raw)
+        s.sendall(request)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+            if b"\r\n\r\n" in data and (b"Content-Length: 0" in data or data.endswith(b"\n")):
+                return data
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_get_derp_is_426_and_endpoints_answer_over_tls(start_server):
+    server = yield start_server()
+    data = yield deferToThread(http_get, server.port, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", True)
+    assert data.startswith(b"HTTP/1.1 426 ")
+    assert data.endswith(b"DERP requires connection upgrade\n")
+    data = yield deferToThread(http_get, server.port, b"GET /derp/latency-check HTTP/1.1\r\nHost: x\r\n\r\n", True)
+    assert data.startswith(b"HTTP/1.1 200 ") and b"Access-Control-Allow-Origin: *" in data
+    data = yield deferToThread(
+        http_get, server.port, b"GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: ts_1.2.3.4\r\nConnection: close\r\n\r\n", True
+    )
+    assert data.startswith(b"HTTP/1.1 204 ") and b"X-Tailscale-Response: response ts_1.2.3.4\r\n" in data
+    assert server.stats.accepts == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_port80_listener_in_tls_mode(start_server):
+    server = yield start_server()
+    port = server.service.http_port
+    data = yield deferToThread(
+        http_get, port, b"GET /generate_204 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Tailscale-Challenge: ts_127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    assert data.startswith(b"HTTP/1.1 204 ") and b"X-Tailscale-Response: response ts_127.0.0.1" in data
+    data = yield deferToThread(http_get, port, b"GET /x?y=1 HTTP/1.1\r\nHost: example.com:8080\r\nConnection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 302 ") and b"Location: https://example.com:8080/x?y=1\r\n" in data
+
+
+@pytest_twisted.inlineCallbacks
+def test_websocket_derp_relays_to_plain_client(start_server):
+    server = yield start_server()
+
+    def go():
+        w = DERPClient.connect(server.url, websocket=True)
+        p = DERPClient.connect(server.url)
+        try:
+            big = os.urandom(60000)
+            w.send_packet(p.public_key, big)
+            p.send_packet(w.public_key, b"to ws")
+            return p.recv_packet(), w.recv_packet(), big, w.public_key, p.public_key
+        finally:
+            w.close()
+            p.close()
+
+    (src1, data1), (src2, data2), big, wkey, pkey = yield deferToThread(go)
+    assert (src1, data1) == (wkey, big)
+    assert (src2, data2) == (pkey, b"to ws")
+    assert server.stats.websocket_accepts == 1
+
+
+class SteadyPair:
+    """Two clients relaying a numbered packet every few ms in a thread; counts losses."""
+
+    def __init__(self, url):
+        self.a = DERPClient.connect(url)
+        self.b = DERPClient.connect(url)
+        self.sent = 0
+        self.received = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.a.send_packet(self.b.public_key, self.sent.to_bytes(4, "big"))
+            self.sent += 1
+            src, data = self.b.recv_packet(timeout=5)
+            self.received.append(int.from_bytes(data, "big"))
+            time.sleep(0.002)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+        self.a.close()
+        self.b.close()
+        return self.sent, self.received
+
+
+def expect_closed(port, payload: bytes, *, upgrade=True, tls=False) -> bytes:
+    """Send ``payload`` (after a DERP upgrade unless told otherwise); return what came
+    back once the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        if upgrade:
+            s.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        s.sendall(payload)
+        data = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+        raise AssertionError(f"server did not close; got {data[:100]!r}")
+
+
+def good_client_info(server_key):
+    return client_info_frame(PrivateKey.generate(), server_key, {"version": 2})
+
+
+BAD_INPUTS = {
+    "wrong first frame": (lambda k: F.ping_frame(b"12345678"), "first frame is PING"),
+    "bad box": (lambda k: good_client_info(k)[:-1] + b"\x00", "box cannot be opened"),
+    "bad json": (None, "not valid JSON"),
+    "client info too short": (lambda k: F.pack_header(2, 55) + bytes(55), "CLIENT_INFO length 55 outside"),
+    "client info too long": (lambda k: F.pack_header(2, 262145), "CLIENT_INFO length 262145 outside"),
+    "oversize send": (lambda k: good_client_info(k) + F.pack_header(4, 32 + 65537), "SEND_PACKET frame length 65569"),
+    "short send": (lambda k: good_client_info(k) + F.pack_header(4, 31) + bytes(31), "SEND_PACKET frame length 31"),
+    "note preferred 2": (lambda k: good_client_info(k) + F.pack_header(7, 2) + b"\x01\x01", "NOTE_PREFERRED frame length 2"),
+    "ping 7": (lambda k: good_client_info(k) + F.pack_header(0x12, 7) + bytes(7), "PING frame length 7"),
+    "ping 1001": (lambda k: good_client_info(k) + F.pack_header(0x12, 1001) + bytes(1001), "PING frame length 1001"),
+    "watch without mesh key": (lambda k: good_client_info(k) + F.WATCH_CONNS_FRAME, "requires the mesh key"),
+    "forward without mesh key": (lambda k: good_client_info(k) + F.forward_packet_frame(bytes(32), bytes(32), b"x"), "requires the mesh key"),
+    "close peer without mesh key": (lambda k: good_client_info(k) + F.close_peer_frame(bytes(32)), "requires the mesh key"),
+}
+
+
+def bad_json_info(server_key):
+    from nacl.public import Box, PublicKey
+
+    key = PrivateKey.generate()
+    sealed = bytes(Box(key, PublicKey(server_key)).encrypt(b"{nope"))
+    return F.encode_frame(2, bytes(key.public_key) + sealed)
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_bad_input_closes_only_its_connection(start_server, log_lines):
+    server = yield start_server(tls=False)
+    pair = yield deferToThread(SteadyPair, server.url)
+    key = server.relay.public_key
+    for name, (make, message) in BAD_INPUTS.items():
+        payload = bad_json_info(key) if make is None else make(key)
+        yield deferToThread(expect_closed, server.port, payload)
+        assert any(message in line for line in log_lines), (name, message, log_lines[-3:])
+    # Garbage instead of an HTTP request: a 400 and a close.
+    reply = yield deferToThread(expect_closed, server.port, b"\x16\x03\x01garbage\r\n\r\n", upgrade=False)
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert any("bad HTTP request" in line for line in log_lines)
+    # Keep the pair going a moment after the last bad client.
+    yield deferToThread(time.sleep, 0.3)
+    sent, received = yield deferToThread(pair.stop)
+    assert sent > 20
+    assert received == list(range(len(received))) and len(received) >= sent - 1
+    assert server.stats.current_connections == 0
+    assert server.relay.check_consistency() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_reader_is_isolated_and_dropped(start_server):
+    server = yield start_server(tls=False)
+    pair = yield deferToThread(SteadyPair, server.url)
+
+    def flood():
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        slow_key = PrivateKey.generate()
+        slow.sendall(client_info_frame(slow_key, server.relay.public_key, {}))
+        time.sleep(0.2)
+        sender = DERPClient.connect(server.url)
+        batch = F.send_packet_frame(bytes(slow_key.public_key), bytes(1200)) * 100
+        # Keep the slow reader's socket full for longer than the 2 s write timeout.
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            sender.write(batch)
+            time.sleep(0.01)
+        sender.close()
+        return slow
+
+    slow = yield deferToThread(flood)
+    sent, received = yield deferToThread(pair.stop)
+    slow.close()
+    stats = server.stats
+    assert stats.dropped_packets[("queue_head", "other")] > 1000
+    assert stats.sclient_write_timeouts == 1
+    # Once it was closed, packets for it are unknown_dest.
+    assert stats.dropped_packets[("unknown_dest", "other")] > 0
+    assert received == list(range(len(received))) and len(received) >= sent - 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_duplicate_key_connections_over_tls(start_server):
+    server = yield start_server()
+    key = PrivateKey.generate()
+
+    def go():
+        first = DERPClient.connect(server.url, key)
+        second = DERPClient.connect(server.url, key)
+        other = DERPClient.connect(server.url)
+        other.send_packet(first.public_key, b"to newest")
+        got_second = second.recv_packet()
+        first.ping()
+        first.recv_until(FrameType.PONG)
+        other.send_packet(first.public_key, b"to first")
+        got_first = first.recv_packet()
+        first.send_packet(other.public_key, b"reply")
+        other.recv_packet()
+        second.close()
+        time.sleep(0.2)
+        assert not other._frames  # one connection of the key is left: no PeerGone yet
+        first.close()
+        gone = other.recv_until(FrameType.PEER_GONE)
+        other.close()
+        return got_second, got_first, gone.payload
+
+    got_second, got_first, gone = yield deferToThread(go)
+    assert got_second[1] == b"to newest" and got_first[1] == b"to first"
+    assert gone == bytes(key.public_key) + b"\x00"
+    assert server.stats.total_dup_client_conns == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_sni_must_match_dns_hostname(start_server, tmp_path):
+    ca, _, _ = make_cert(tmp_path / "certs", "derp.test")
+    server = yield start_server("-hostname", "derp.test")
+
+    def go():
+        good = DERPClient.connect(server.url, server_name="derp.test", cafile=str(ca))
+        good.close()
+        with pytest.raises(Exception):
+            DERPClient.connect(server.url, server_name="other.test")
+        with pytest.raises(Exception):
+            DERPClient.connect(server.url, server_name="")
+        return good.connected
+
+    connected = yield deferToThread(go)
+    assert connected.fast_start
+
+
+@pytest_twisted.inlineCallbacks
+def test_stun_through_the_service(start_server):
+    server = yield start_server()
+    port = server.service.stun_port
+
+    def go():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.bind(("127.0.0.1", 0))
+            txid = os.urandom(12)
+            s.sendto(stun.build_binding_request(txid), ("127.0.0.1", port))
+            reply = s.recv(1500)
+            return stun.parse_binding_response(reply), (txid, "127.0.0.1", s.getsockname()[1])
+
+    got, expected = yield deferToThread(go)
+    assert got == expected
+    assert server.service.stun_stats.requests["success"] == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_derp_disabled(start_server):
+    server = yield start_server("-derp=false")
+    data = yield deferToThread(
+        http_get, server.port, b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: close\r\n\r\n", True
+    )
+    assert data.startswith(b"HTTP/1.1 404 ") and data.endswith(b"derp server disabled\n")
+    with pytest.raises(DERPClientError, match="HTTP 404"):
+        yield deferToThread(DERPClient.connect, server.url, fast_start=False)
