@@ -443,7 +443,7 @@ SETTINGS_TABLE: tuple[Option, ...] = (
     Option("home", "home", Kind("string", _home, '"" (default page), "blank", or an http:// or https:// URL'), "",
            "what to serve at /", _env("DERP_HOME", "FLAGHOME")),
     Option("mesh_psk_file", "mesh-psk-file", TEXT, _default_mesh_psk_file,
-           "file holding the mesh pre-shared key (64+ hex digits)",
+           "file holding the mesh pre-shared key (64 hex digits)",
            _env("DERP_MESH_PSK_FILE", "MESH_PSKFILE"),
            default_text="first existing of /home/derp/keys/derp-mesh.key, $HOME/keys/derp-mesh.key"),
     Option("mesh_with", "mesh-with", NAMES, (),

@@ -137,3 +137,27 @@ def _write_atomically(path: str, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class MeshKeyError(ValueError):
+    """The mesh pre-shared key is unusable; the message names its source."""
+
+
+def parse_mesh_key(text: str, source: str) -> bytes:
+    """derper's mesh key text: exactly 64 hex digits, surrounding whitespace ignored."""
+    digits = text.strip()
+    if len(digits) != 2 * KEY_LEN:
+        raise MeshKeyError(f"{source}: mesh key must be exactly 64 hex digits, found {len(digits)} characters")
+    try:
+        return bytes.fromhex(digits)
+    except ValueError:
+        raise MeshKeyError(f"{source}: mesh key must be exactly 64 hex digits, found non-hex characters") from None
+
+
+def load_mesh_key(path: str) -> bytes:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise MeshKeyError(f"mesh key file {path}: {e.strerror}") from None
+    return parse_mesh_key(text, f"mesh key file {path}")

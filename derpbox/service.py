@@ -13,7 +13,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import ConfigError, Settings
-from .keys import load_or_create_key, node_public_text
+from .config import DEV_MESH_KEY_ENV
+from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
 from .tls.certs import (
@@ -88,6 +89,23 @@ def load_server_key(settings: Settings) -> PrivateKey:
     return load_or_create_key(settings.key_path)
 
 
+def load_mesh_key_for(settings: Settings, environ) -> bytes | None:
+    """The mesh key: from TAILSCALE_DERPER_MESH_KEY in -dev (as derper), else the PSK file."""
+    if settings.mesh_with:
+        raise ConfigError("-mesh-with: meshing with other derpbox/derper nodes is not supported yet")
+    if settings.secrets_url:
+        raise ConfigError("-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file")
+    try:
+        if settings.dev:
+            text = environ.get(DEV_MESH_KEY_ENV, "")
+            return parse_mesh_key(text, DEV_MESH_KEY_ENV) if text else None
+        if settings.mesh_psk_file:
+            return load_mesh_key(settings.mesh_psk_file)
+    except MeshKeyError as e:
+        raise ConfigError(str(e)) from None
+    return None
+
+
 def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
     """Certificates for the TLS listener; ACME modes come from a later source."""
     if settings.certmode != "manual":
@@ -132,6 +150,7 @@ class DerpboxService(MultiService):
             reactor,
             queue_depth=queue_depth_from_env(environ),
             write_timeout=settings.tcp_write_timeout,
+            mesh_key=load_mesh_key_for(settings, environ),
         )
         self.site = build_main_site(derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname)
         front = FrontFactory(

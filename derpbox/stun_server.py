@@ -4,7 +4,6 @@ import socket
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -21,8 +20,8 @@ class STUNStats:
     """Counters behind derper's stun_requests{disposition} and stun_addrfamily{family}."""
 
     def __init__(self) -> None:
-        # read_error keeps derper's label set; Twisted's UDP port handles recvfrom
-        # errors itself, so this adapter never sees one to count.
+        # read_error keeps derper's label set: recvfrom errors never reach a
+        # DatagramProtocol (Twisted's UDP port handles them), so it stays 0 here.
         self.requests: dict[str, int] = dict.fromkeys(
             ("success", "not_stun", "read_error", "write_error"), 0
         )
@@ -44,12 +43,12 @@ class STUNProtocol(DatagramProtocol):
         if txid is None:
             self.stats.requests["not_stun"] += 1
             return
-        host, port = addr[0], addr[1]
+        host, port = addr
         response = build_binding_response(txid, host, port)
         family = "ipv4" if len(response) == RESPONSE_LEN_IPV4 else "ipv6"
         self.stats.addrfamily[family] += 1
         try:
-            self.transport.write(response, (host, port))
+            self.transport.write(response, addr)
         except OSError:
             self.stats.requests["write_error"] += 1
         else:
@@ -66,16 +65,13 @@ def _listen_ipv6_only_wildcard(reactor, port: int, stats: STUNStats) -> IListeni
     # Twisted cannot set IPV6_V6ONLY before bind, and without it [::] would
     # claim IPv4 too and collide with the 0.0.0.0 socket; so bind it here and
     # hand the socket over (Twisted dups the descriptor, hence the close).
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(("::", port))
-            sock.setblocking(False)
-            return reactor.adoptDatagramPort(
-                sock.fileno(), socket.AF_INET6, STUNProtocol(stats), MAX_PACKET_SIZE
-            )
-    except OSError as e:
-        raise CannotListenError("::", port, e) from e
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", port))
+        sock.setblocking(False)
+        return reactor.adoptDatagramPort(
+            sock.fileno(), socket.AF_INET6, STUNProtocol(stats), MAX_PACKET_SIZE
+        )
 
 
 def listen_stun(reactor, host: str, port: int, stats: STUNStats) -> list[IListeningPort]:
@@ -90,12 +86,8 @@ def listen_stun(reactor, host: str, port: int, stats: STUNStats) -> list[IListen
     bound = ipv4.getHost().port
     try:
         ipv6 = _listen_ipv6_only_wildcard(reactor, bound, stats)
-    except CannotListenError as e:
-        log.warn(
-            "STUN not listening on [::]:{port}, IPv4 only: {error}",
-            port=bound,
-            error=e.socketError,
-        )
+    except OSError as e:
+        log.warn("STUN not listening on [::]:{port}, IPv4 only: {error}", port=bound, error=e)
         return [ipv4]
     return [ipv4, ipv6]
 

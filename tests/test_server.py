@@ -38,6 +38,18 @@ def log_lines():
     globalLogPublisher.removeObserver(observer)
 
 
+@pytest_twisted.inlineCallbacks
+def wait_for(predicate, timeout=5.0):
+    """Let the reactor run until ``predicate()`` holds."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        yield deferLater(reactor, 0.01, lambda: None)
+
+
 def relay_roundtrip(url, n=20, **kw):
     a = DERPClient.connect(url, **kw)
     b = DERPClient.connect(url, **kw)
@@ -414,3 +426,76 @@ def test_derp_disabled(start_server):
     assert data.startswith(b"HTTP/1.1 404 ") and data.endswith(b"derp server disabled\n")
     with pytest.raises(DERPClientError, match="HTTP 404"):
         yield deferToThread(DERPClient.connect, server.url, fast_start=False)
+
+
+@pytest_twisted.inlineCallbacks
+def test_mesh_peer_watches_forwards_and_closes(start_server, tmp_path):
+    mesh_key = os.urandom(32)
+    (tmp_path / "mesh.key").write_text(mesh_key.hex() + "\n")
+    server = yield start_server("-mesh-psk-file", str(tmp_path / "mesh.key"))
+
+    def go():
+        a = DERPClient.connect(server.url)
+        # A wrong mesh key makes an ordinary client, which WatchConns gets closed.
+        bad = DERPClient.connect(server.url, mesh_key=os.urandom(32))
+        bad.send_frame(FrameType.WATCH_CONNS)
+        bad_closed = bad.is_closed_by_server()
+        mesh = DERPClient.connect(server.url, mesh_key=mesh_key)
+        mesh.send_frame(FrameType.WATCH_CONNS)
+        present = mesh.recv_until(FrameType.PEER_PRESENT)
+        key, ip16, port, flags = F.parse_peer_present(present.payload)
+        mesh.send_frame(FrameType.FORWARD_PACKET, b"S" * 32 + a.public_key + b"forwarded")
+        got = a.recv_packet()
+        mesh.send_frame(FrameType.CLOSE_PEER, a.public_key)
+        closed = a.is_closed_by_server()
+        gone = mesh.recv_until(FrameType.PEER_GONE)
+        mesh.close()
+        return bad_closed, key, ip16, flags, got, closed, gone.payload, a.public_key
+
+    bad_closed, key, ip16, flags, got, closed, gone, a_key = yield deferToThread(go)
+    assert bad_closed
+    assert key == a_key and ip16 == bytes(10) + b"\xff\xff\x7f\x00\x00\x01" and flags == 1
+    assert got == (b"S" * 32, b"forwarded")
+    assert closed and gone == a_key + b"\x00"
+    assert server.stats.packets_forwarded_in == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_gone_not_here_for_disco_to_unknown_key(start_server):
+    server = yield start_server()
+
+    def go():
+        a = DERPClient.connect(server.url)
+        nobody = os.urandom(32)
+        a.send_packet(nobody, b"plain wireguard")
+        a.send_packet(nobody, F.DISCO_MAGIC + bytes(56))
+        frame = a.recv_until(FrameType.PEER_GONE)
+        a.close()
+        return frame.payload, nobody
+
+    payload, nobody = yield deferToThread(go)
+    assert payload == nobody + b"\x01"
+    assert server.stats.dropped_packets[("unknown_dest", "other")] == 1
+    assert server.stats.dropped_packets[("unknown_dest", "disco")] == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_ping_pong_and_note_preferred_over_tls(start_server):
+    server = yield start_server()
+
+    a = yield deferToThread(DERPClient.connect, server.url)
+
+    def go():
+        a.ping(b"8 bytes!")
+        pong = a.recv_until(FrameType.PONG)
+        a.note_preferred(True)
+        a.ping(b"sync....")
+        a.recv_until(FrameType.PONG)
+        return pong.payload
+
+    assert (yield deferToThread(go)) == b"8 bytes!"
+    assert server.stats.got_ping == 2 and server.stats.sent_pong == 2
+    assert server.stats.current_home_connections == 1
+    a.close()
+    yield wait_for(lambda: server.stats.current_connections == 0)
+    assert server.stats.current_home_connections == 0

@@ -70,16 +70,15 @@ def _walk_attrs(data, end: int) -> list[tuple[int, int, int]] | None:
     return attrs
 
 
-def _is_stun(data) -> bool:
-    return len(data) >= HEADER_LEN and not data[0] & 0xC0 and data[4:8] == MAGIC_COOKIE
-
-
 def parse_binding_request(data: bytes) -> bytes | None:
     """Return the transaction id of a Tailscale Binding Request, else None.
 
     Never raises for bytes-like input: anything on the wire may arrive here.
     """
-    if not _is_stun(data) or _HEADER.unpack_from(data)[0] != BINDING_REQUEST:
+    # Type 0x0001 also means the top two bits (zero for any STUN message) are clear.
+    if len(data) < HEADER_LEN or data[4:8] != MAGIC_COOKIE:
+        return None
+    if _HEADER.unpack_from(data)[0] != BINDING_REQUEST:
         return None
     # derper ignores the header's length field and walks to the datagram's end.
     end = len(data)
@@ -98,12 +97,16 @@ def parse_binding_request(data: bytes) -> bytes | None:
     return bytes(data[8:HEADER_LEN])
 
 
-def _pack_address(ip: str) -> bytes:
-    addr = ipaddress.ip_address(ip)
-    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; answer them as IPv4.
+def _unmap(addr: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; treat them as IPv4.
     if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.packed
+        return addr.ipv4_mapped
+    return addr
+
+
+def _check_txid(txid: bytes) -> None:
+    if len(txid) != TXID_LEN:
+        raise ValueError(f"transaction id must be {TXID_LEN} bytes, got {len(txid)}")
 
 
 def _xor(value: bytes, key: bytes) -> bytes:
@@ -112,11 +115,10 @@ def _xor(value: bytes, key: bytes) -> bytes:
 
 def build_binding_response(txid: bytes, ip: str, port: int) -> bytes:
     """Binding Success carrying exactly one XOR-MAPPED-ADDRESS for ip:port."""
-    if len(txid) != TXID_LEN:
-        raise ValueError(f"transaction id must be {TXID_LEN} bytes, got {len(txid)}")
+    _check_txid(txid)
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port out of range: {port}")
-    packed = _pack_address(ip)
+    packed = _unmap(ipaddress.ip_address(ip)).packed
     family = FAMILY_IPV4 if len(packed) == 4 else FAMILY_IPV6
     value_len = 4 + len(packed)
     return b"".join(
@@ -131,8 +133,7 @@ def build_binding_response(txid: bytes, ip: str, port: int) -> bytes:
 
 def build_binding_request(txid: bytes) -> bytes:
     """The 40-byte Binding Request a Tailscale client sends."""
-    if len(txid) != TXID_LEN:
-        raise ValueError(f"transaction id must be {TXID_LEN} bytes, got {len(txid)}")
+    _check_txid(txid)
     body = b"".join(
         (
             _HEADER.pack(BINDING_REQUEST, REQUEST_LEN - HEADER_LEN, MAGIC_COOKIE, txid),
@@ -158,10 +159,7 @@ def _decode_address(data, value: int, length: int, key: bytes | None) -> tuple[s
     if key is not None:
         packed = _xor(packed, key)
         port ^= _XOR_PORT
-    addr = ipaddress.ip_address(packed)
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return str(addr), port
+    return str(_unmap(ipaddress.ip_address(packed))), port
 
 
 def parse_binding_response(data: bytes) -> tuple[bytes, str, int]:

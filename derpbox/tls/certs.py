@@ -10,7 +10,6 @@ created on first start when the hostname is an IP address.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import os
 import re

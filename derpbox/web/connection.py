@@ -44,6 +44,7 @@ log = Logger()
 HEAD_TIMEOUT = 30.0
 # Browsers accept any size, but small messages keep every WebSocket reader happy.
 WS_CHUNK = 32 << 10
+GO_DEFAULT_KEEPALIVE = 15.0
 
 
 def remote_address(transport) -> tuple[str, int]:
@@ -246,8 +247,10 @@ class FrontFactory(Factory):
         if sock is None:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tcp_keepalive > 0:
+        # Go's meaning: 0 picks the 15 s default, a negative value turns keepalive off.
+        keepalive = self.tcp_keepalive or GO_DEFAULT_KEEPALIVE
+        if keepalive > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(self.tcp_keepalive)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive)))
         if self.tcp_user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.tcp_user_timeout * 1000))

@@ -1,0 +1,52 @@
+"""The derpbox command as an operator runs it: bad settings stop start-up clearly."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env=None, timeout=30):
+    return subprocess.run([sys.executable, "-m", "derpbox", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["-stun-port", "abc"], {}, ["-stun-port", "abc"]),
+        (["-certmode", "acme"], {}, ["-certmode", "acme", "letsencrypt"]),
+        (["-home", "ftp://x"], {}, ["-home", "ftp://x"]),
+        (["-stun", "false"], {}, ["-stun=false"]),
+        (["-nosuchflag"], {}, ["nosuchflag"]),
+        ([], {"DERP_STUN_PORT": "70000"}, ["DERP_STUN_PORT", "70000"]),
+        ([], {"DERP_ADDR": "nonsense"}, ["DERP_ADDR", "nonsense"]),
+    ],
+)
+def test_invalid_settings_exit_2_naming_setting_and_value(args, env, expected, tmp_path):
+    result = run("-c", str(tmp_path / "k"), *args, env={"PATH": "/usr/bin:/bin", **env})
+    assert result.returncode == 2, result
+    for word in expected:
+        assert word in result.stderr, (word, result.stderr)
+
+
+def test_bad_mesh_key_file_stops_start_up(tmp_path):
+    (tmp_path / "mesh").write_text("tooshort\n")
+    result = run("-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "-tls=off", "-stun=false",
+                 "-mesh-psk-file", str(tmp_path / "mesh"))
+    assert result.returncode == 2
+    assert f"mesh key file {tmp_path / 'mesh'}: mesh key must be exactly 64 hex digits" in result.stderr
+
+
+def test_manual_mode_without_cert_files_names_the_file(tmp_path):
+    result = run("-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "-stun=false", "-http-port=-1",
+                 "-certmode", "manual", "-certdir", str(tmp_path), "-hostname", "derp.example.com")
+    assert result.returncode == 2
+    assert str(tmp_path / "derp.example.com.crt") in result.stderr
+
+
+def test_help_and_version():
+    result = run("-h")
+    assert result.returncode == 0 and "-hostname" in result.stdout and "DERP_DOMAIN" in result.stdout
+    result = run("-version")
+    assert result.returncode == 0 and result.stdout.startswith("derpbox ")
