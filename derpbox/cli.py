@@ -10,6 +10,7 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     Logger,
     globalLogBeginner,
     jsonFileLogObserver,
@@ -24,10 +25,18 @@ log = Logger()
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 
 
+def _quiet_legacy(event) -> PredicateResult:
+    """Twisted's ports announce themselves through the legacy log ("X starting on N");
+    derpbox logs its own listeners, so those lines are debug noise unless errors."""
+    if event.get("log_namespace") == "log_legacy" and not event.get("isError"):
+        event["log_level"] = LogLevel.debug
+    return PredicateResult.maybe
+
+
 def _start_logging(level: str, fmt: str) -> None:
     observer = jsonFileLogObserver(sys.stderr, "") if fmt == "json" else textFileLogObserver(sys.stderr)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)
+    predicates = [_quiet_legacy, LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])]
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, predicates)], redirectStandardIO=False)
 
 
 def serve(argv: list[str], environ=os.environ) -> int:
