@@ -499,3 +499,38 @@ def test_ping_pong_and_note_preferred_over_tls(start_server):
     a.close()
     yield wait_for(lambda: server.stats.current_connections == 0)
     assert server.stats.current_home_connections == 0
+
+
+def ws_request(extra: str) -> bytes:
+    return (
+        "GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + extra + "\r\n"
+    ).encode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_websocket_edge_cases(start_server):
+    server = yield start_server(tls=False)
+    # A subprotocol list merely containing "derp": handshake, then close 1008.
+    data = yield deferToThread(expect_closed, server.port, ws_request("Sec-WebSocket-Protocol: notderp\r\n"), upgrade=False)
+    head, _, frame = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ") and b"Sec-WebSocket-Protocol" not in head
+    assert frame[:2] == b"\x88" + bytes([len(frame) - 2]) and frame[2:4] == (1008).to_bytes(2, "big")
+    # A wrong version is refused and told which one to use.
+    data = yield deferToThread(
+        expect_closed, server.port,
+        ws_request("Sec-WebSocket-Protocol: derp\r\n").replace(b"Version: 13", b"Version: 8"), upgrade=False,
+    )
+    assert data.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Version: 13\r\n" in data
+    # Very old clients: Upgrade: websocket without the subprotocol speak raw DERP.
+    def old_client():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(ws_request(""))
+            data = b""
+            while not data.endswith(F.server_key_frame(server.relay.public_key)):
+                data += s.recv(4096)
+            return data
+
+    data = yield deferToThread(old_client)
+    assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n")
+    assert server.stats.websocket_accepts == 0 and server.stats.accepts == 1

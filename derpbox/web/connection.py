@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from ..protocol.upgrade import (
+    MAX_HEAD,
     HTTPHeadError,
     classify_derp_request,
     derp_switching_response,
@@ -27,6 +28,7 @@ from ..protocol.upgrade import (
 from ..protocol.websocket import (
     BinaryData,
     Close,
+    CloseCode,
     Ping,
     WebSocketDecoder,
     WebSocketError,
@@ -34,6 +36,7 @@ from ..protocol.websocket import (
     encode_binary,
     encode_close,
     encode_pong,
+    negotiated_subprotocol,
 )
 from ..relay.peer import Peer
 from ..relay.relay import Relay
@@ -115,13 +118,14 @@ class FrontConnection(Protocol):
 
     def _head_received(self, data: bytes) -> None:
         self._buf += data
+        # The head can only have ended in a chunk holding a newline; skipping the
+        # re-parse otherwise keeps a byte-at-a-time client from costing quadratic time.
+        if b"\n" not in data and len(self._buf) <= MAX_HEAD:
+            return
         try:
             head = parse_request_head(self._buf)
         except HTTPHeadError as e:
-            log.info("{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason)
-            self.transport.write(error_response(e.status, e.reason))
-            self.transport.loseConnection()
-            self._buf = b""
+            self._refuse(e)
             return
         if head is None:
             return
@@ -156,11 +160,21 @@ class FrontConnection(Protocol):
         self.close = transport.loseConnection
         self._begin(head, rest)
 
+    def _refuse(self, e: HTTPHeadError) -> None:
+        log.info("{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason)
+        self.transport.write(error_response(e.status, e.reason, e.headers))
+        self.transport.loseConnection()
+        self._buf = b""
+
     def _start_websocket(self, head, rest: bytes) -> None:
         try:
             response = accept_response(head)
         except HTTPHeadError as e:
-            self.transport.write(error_response(e.status, e.reason))
+            self._refuse(e)
+            return
+        if negotiated_subprotocol(head) is None:
+            # As derper: accept the handshake, then close with policy violation.
+            self.transport.write(response + encode_close(CloseCode.POLICY_VIOLATION, "client must speak the derp subprotocol"))
             self.transport.loseConnection()
             return
         stats = self.factory.relay.stats
