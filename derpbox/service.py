@@ -125,7 +125,9 @@ def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
                 _announce_ip_node(settings, source.current())
     except CertificateError as e:
         raise ConfigError(str(e)) from None
-    return ServerTLS(source, settings.hostname, public_key, strict_sni=not settings.hostname_is_ip)
+    return ServerTLS(
+        source, settings.hostname, public_key, strict_sni=not settings.hostname_is_ip, groups=settings.tls_groups
+    )
 
 
 def _announce_ip_node(settings: Settings, cert) -> None:

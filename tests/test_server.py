@@ -534,3 +534,29 @@ def test_websocket_edge_cases(start_server):
     data = yield deferToThread(old_client)
     assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n")
     assert server.stats.websocket_accepts == 0 and server.stats.accepts == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_groups_setting_takes_effect(start_server):
+    server = yield start_server("-tls-groups", "P-256")
+
+    def handshake(groups):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_ecdh_curve(groups)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as s:
+                return s.version()
+
+    assert (yield deferToThread(handshake, "prime256v1")) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        yield deferToThread(handshake, "X25519")
+
+
+def test_tls_groups_validated():
+    from derpbox.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="-tls-groups.*'NOPE'.*OpenSSL group list"):
+        load_settings(["-c", "/tmp/k", "-tls-groups", "NOPE"], {})
+    assert load_settings(["-c", "/tmp/k", "-tls=off"], {"DERP_TLS_GROUPS": "X25519:P-256"}).tls_groups == "X25519:P-256"

@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -70,8 +71,10 @@ class ServerTLS:
         server_public_key: bytes,
         strict_sni: bool = True,
         log_throttle: LogThrottle | None = None,
+        groups: str = "",
     ) -> None:
         self.hostname = hostname
+        self.groups = groups
         self.meta_certificate = make_meta_certificate(server_public_key)
         self._expected_sni = _normalize_name(hostname) if strict_sni and not is_ip_address(hostname) else None
         self._throttle = log_throttle or LogThrottle(log)
@@ -106,6 +109,8 @@ class ServerTLS:
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
         # Frees the per-connection read/write buffers while a connection is idle.
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        if self.groups:
+            _set_groups(ctx, self.groups)
         ctx.use_certificate(certified_key.leaf)
         ctx.use_privatekey(certified_key.key)
         ctx.check_privatekey()
@@ -137,6 +142,19 @@ class ServerTLS:
             sni=sni,
             hostname=self.hostname,
         )
+
+
+def _set_groups(ctx: SSL.Context, groups: str) -> None:
+    # pyOpenSSL has no public call for the group list; cryptography's bindings have it.
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
+        raise ValueError(f"OpenSSL does not accept the group list {groups!r}")
+
+
+def check_groups(groups: str) -> str:
+    """Validate an OpenSSL key-exchange group list ("" keeps OpenSSL's default)."""
+    if groups:
+        _set_groups(SSL.Context(SSL.TLS_SERVER_METHOD), groups)
+    return groups
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
