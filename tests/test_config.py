@@ -288,6 +288,7 @@ ALIASES = [
     ("DERP_ACE", "1", "ace", True),
     ("DERP_DEV", "true", "dev", True),
     ("DERP_TLS", "off", "tls", "off"),
+    ("DERP_TLS_GROUPS", "X25519:P-256", "tls_groups", "X25519:P-256"),
     ("DERP_LOG_LEVEL", "debug", "log_level", "debug"),
     ("DERP_LOG_FORMAT", "json", "log_format", "json"),
 ]
