@@ -674,6 +674,6 @@ DERPER_FLAGS = {
 def test_table_covers_every_derper_flag_and_every_setting():
     flags = [opt.flag for opt in SETTINGS_TABLE]
     assert len(flags) == len(set(flags))
-    assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format"}
+    assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format", "tls-groups"}
     derived = {"listen_host", "listen_port", "warnings"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}
