@@ -20,9 +20,7 @@ from .stun_server import STUNService, STUNStats
 from .tls.certs import (
     CertificateError,
     ManualCertificateSource,
-    cert_paths,
     derp_map_node_json,
-    ensure_ip_self_signed,
 )
 from .tls.context import ServerTLS
 from .web.connection import FrontFactory
@@ -115,16 +113,11 @@ def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
             "for a self-signed certificate"
         )
     try:
-        if settings.hostname_is_ip and not any(p.exists() for p in cert_paths(settings.certdir, settings.hostname)):
-            cert = ensure_ip_self_signed(settings.certdir, settings.hostname)
-            source = ManualCertificateSource(settings.certdir, settings.hostname)
-            _announce_ip_node(settings, cert)
-        else:
-            source = ManualCertificateSource(settings.certdir, settings.hostname)
-            if settings.hostname_is_ip:
-                _announce_ip_node(settings, source.current())
+        source = ManualCertificateSource(settings.certdir, settings.hostname)
     except CertificateError as e:
         raise ConfigError(str(e)) from None
+    if settings.hostname_is_ip:
+        _announce_ip_node(settings, source.current())
     return ServerTLS(
         source, settings.hostname, public_key, strict_sni=not settings.hostname_is_ip, groups=settings.tls_groups
     )

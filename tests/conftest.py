@@ -45,6 +45,17 @@ class Server:
 
 
 @pytest.fixture
+def log_events():
+    """Every log event emitted while the test runs (dicts, as twisted.logger makes them)."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+@pytest.fixture
 def start_server(tmp_path, request):
     """Start derpbox with derper-style flags; loopback and ephemeral ports by default."""
 

@@ -59,7 +59,7 @@ class Tailcat:
         self._n += 1
         return f"{role}{self._n}"
 
-    def start_server(self, *args: str, stdout=None) -> tuple[subprocess.Popen, str]:
+    def start_server(self, *args: str, stdout=None, timeout: float = 30) -> tuple[subprocess.Popen, str]:
         """Start ``tailcat [args]`` as a server; returns (process, its address)."""
         name = self._name("server")
         addr_file = self.workdir / f"{name}.addr"
@@ -68,7 +68,7 @@ class Tailcat:
         log = open(self.workdir / f"{name}.log", "wb")
         proc = subprocess.Popen([TAILCAT, "--key=new", *args], env=env, stdout=stdout or subprocess.DEVNULL,
                                 stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if addr_file.exists() and addr_file.read_text().strip():
                 return proc, addr_file.read_text().strip()
@@ -100,10 +100,10 @@ def transfer(tc: Tailcat, payload: Path, out: Path, timeout: float = 120) -> Non
                 server.wait()
 
 
-def ping(tc: Tailcat) -> str:
+def ping(tc: Tailcat, timeout: float = 10) -> str:
     server, addr = tc.start_server("serve", "9")
     try:
-        result = tc.run_client("ping", addr, timeout=30)
+        result = tc.run_client("ping", f"--timeout={timeout:g}s", addr, timeout=timeout + 20)
         return result.stdout.decode() + result.stderr.decode()
     finally:
         server.terminate()

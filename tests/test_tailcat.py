@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import pytest
 import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from twisted.web.static import Data
 
 from .tailcat import Tailcat, derp_map, needs_tailcat, ping, transfer
 
@@ -22,9 +24,20 @@ pytestmark = needs_tailcat
 def serve_map(request):
     """Serve a DERP map over HTTP on loopback; returns its URL."""
 
+    class MapResource(Resource):
+        isLeaf = True
+
+        def __init__(self, body: bytes):
+            super().__init__()
+            self.body = body
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"application/json")
+            return self.body
+
     def serve(the_map: dict) -> str:
         root = Resource()
-        root.putChild(b"map.json", Data(json.dumps(the_map).encode(), "application/json"))
+        root.putChild(b"map.json", MapResource(json.dumps(the_map).encode()))
         port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
         request.addfinalizer(lambda: pytest_twisted.blockon(port.stopListening()))
         return f"http://127.0.0.1:{port.getHost().port}/map.json"
@@ -51,3 +64,33 @@ def test_tailcat_relays_10mb_over_tls_with_fast_start_and_stun(start_server, ser
     assert server.service.stun_stats.requests["success"] > 0
     out_ping = yield deferToThread(ping, tc)
     assert "via DERP(dbx)" in out_ping, out_ping
+
+
+@pytest_twisted.inlineCallbacks
+def test_tailcat_verifies_pinned_ip_certificate(start_server, serve_map, tmp_path, log_events):
+    """IP-only host: the node derpbox logs, pasted as is, works without InsecureForTests."""
+    server = yield start_server()
+    (node,) = [e["derp_map_node"] for e in log_events if "derp_map_node" in e]
+    leaf = x509.load_pem_x509_certificate((tmp_path / "certs" / "127.0.0.1.crt").read_bytes())
+    assert node["CertName"] == "sha256-raw:" + hashlib.sha256(leaf.public_bytes(Encoding.DER)).hexdigest()
+    assert "InsecureForTests" not in node
+    node.update(Name="900a", DERPPort=server.port, STUNPort=server.service.stun_port)
+    the_map = {"Regions": {"900": {"RegionID": 900, "RegionCode": "dbx", "RegionName": "derpbox", "Nodes": [node]}}}
+    tc = Tailcat(tmp_path / "tc", serve_map(the_map))
+    out = yield deferToThread(ping, tc)
+    assert "via DERP(dbx)" in out, out
+    assert server.stats.accepts >= 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_tailcat_rejects_wrong_pin(start_server, serve_map, tmp_path):
+    server = yield start_server()
+    node = derp_map(server.port, server.service.stun_port)["Regions"]["900"]["Nodes"][0]
+    del node["InsecureForTests"]
+    node["CertName"] = "sha256-raw:" + "00" * 32
+    the_map = {"Regions": {"900": {"RegionID": 900, "RegionCode": "dbx", "RegionName": "derpbox", "Nodes": [node]}}}
+    tc = Tailcat(tmp_path / "tc", serve_map(the_map))
+    out = yield deferToThread(ping, tc, 8)
+    assert "via DERP" not in out
+    # The client refused the certificate, so no DERP upgrade ever reached derpbox.
+    assert server.stats.accepts == 0
