@@ -79,6 +79,8 @@ class Settings:
     verify_client_urls: tuple[str, ...]
     verify_client_url_fail_open: bool
     socket: str
+    verify_allowlist_file: str
+    verify_cache_ttl: float  # seconds; 0 = no cache
     accept_connection_limit: float
     accept_connection_burst: int
     rate_config: str
@@ -478,6 +480,12 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            _env("DERP_VERIFY_CLIENT_URL_FAIL_OPEN", "VERIFY_FAIL_OPEN")),
     Option("socket", "socket", TEXT, "", "tailscaled socket path for -verify-clients",
            _env("DERP_SOCKET", "TS_SOCKET", "TAILSCALED_SOCKET_PATH", "SOCKET")),
+    Option("verify_allowlist_file", "verify-allowlist-file", TEXT, "",
+           "JSON array of nodekey: strings allowed to connect, reloaded when the file changes",
+           _env("DERP_VERIFY_ALLOWLIST_FILE")),
+    Option("verify_cache_ttl", "verify-cache-ttl", DURATION, 0.0,
+           "cache admission decisions per node key for this long; 0 disables the cache",
+           _env("DERP_VERIFY_CACHE_TTL")),
     Option("accept_connection_limit", "accept-connection-limit",
            Kind("float", _rate_limit, 'a number of connections per second, zero or more, or "inf"', (str, int, float)),
            math.inf, "TLS connections accepted per second",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 
 from nacl.public import PrivateKey
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -15,6 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from .config import ConfigError, Settings
 from .config import DEV_MESH_KEY_ENV
 from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
+from .admission import Admission
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
 from .tls.certs import (
@@ -38,6 +42,26 @@ def _endpoint(reactor, host: str, port: int):
         # A "::" socket on Linux also accepts IPv4 unless IPV6_V6ONLY is set.
         return TCP6ServerEndpoint(reactor, port, interface=host or "::")
     return TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None on other C libraries (e.g. musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class MemoryTrimService(TimerService):
+    """Hands freed heap back to the OS now and then.
+
+    OpenSSL allocates and frees per connection; after many connections close, glibc
+    keeps the freed pages, and the process would look as large as at its peak.
+    """
+
+    def __init__(self, interval: float = 60.0):
+        trim = _malloc_trim()
+        super().__init__(interval, trim if trim is not None else (lambda _: None), 0)
 
 
 class ListenerService(Service):
@@ -104,6 +128,24 @@ def load_mesh_key_for(settings: Settings, environ) -> bytes | None:
     return None
 
 
+def build_admission(settings: Settings, reactor) -> Admission | None:
+    """Client verification, when any check is configured (issue: only your tailnet)."""
+    if not (settings.verify_clients or settings.verify_client_urls or settings.verify_allowlist_file):
+        return None
+    try:
+        return Admission(
+            reactor=reactor,
+            verify_clients=settings.verify_clients,
+            socket_path=settings.socket,
+            urls=settings.verify_client_urls,
+            fail_open=settings.verify_client_url_fail_open,
+            allowlist_file=settings.verify_allowlist_file,
+            cache_ttl=settings.verify_cache_ttl,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
     """Certificates for the TLS listener; ACME modes come from a later source."""
     if settings.certmode != "manual":
@@ -147,6 +189,8 @@ class DerpboxService(MultiService):
             write_timeout=settings.tcp_write_timeout,
             mesh_key=load_mesh_key_for(settings, environ),
         )
+        self.admission = build_admission(settings, reactor)
+        self.relay.admission = self.admission
         self.site = build_main_site(derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname)
         front = FrontFactory(
             self.relay,
@@ -177,6 +221,7 @@ class DerpboxService(MultiService):
         if settings.stun:
             self.stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, reactor)
             self.stun.setServiceParent(self)
+        MemoryTrimService().setServiceParent(self)
         log.info("server key {key}", key=node_public_text(self.relay.public_key))
         for warning in settings.warnings:
             log.warn("{warning}", warning=warning)
@@ -186,6 +231,17 @@ class DerpboxService(MultiService):
                 "or with -certmode=manual; Tailscale clients expect TLS",
                 port=settings.listen_port,
             )
+
+    def startService(self):
+        super().startService()
+        if self.admission is not None:
+            self.admission.start()
+            self.admission.probe()
+
+    def stopService(self):
+        if self.admission is not None:
+            self.admission.stop()
+        return super().stopService()
 
     def listening(self) -> defer.Deferred:
         """Fires with the service once every TCP listener is up."""

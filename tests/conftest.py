@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from derpbox.config import load_settings
 
@@ -60,8 +64,6 @@ def start_server(tmp_path, request):
     """Start derpbox with derper-style flags; loopback and ephemeral ports by default."""
 
     def start(*flags: str, environ: dict | None = None, tls: bool = True):
-        from twisted.internet import reactor
-
         from derpbox.service import DerpboxService
 
         base = ["-a", "127.0.0.1:0", "-c", str(tmp_path / "derper.key"), "-stun-port", "0", "-http-port", "0"]
@@ -76,6 +78,31 @@ def start_server(tmp_path, request):
         return service.listening().addCallback(lambda s: Server(s, tmp_path))
 
     return start
+
+
+@pytest.fixture
+def serve_map(request):
+    """Serve a DERP map over HTTP on loopback; returns its URL."""
+
+    class MapResource(Resource):
+        isLeaf = True
+
+        def __init__(self, body: bytes):
+            super().__init__()
+            self.body = body
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", b"application/json")
+            return self.body
+
+    def serve(the_map: dict) -> str:
+        root = Resource()
+        root.putChild(b"map.json", MapResource(json.dumps(the_map).encode()))
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        request.addfinalizer(lambda: pytest_twisted.blockon(port.stopListening()))
+        return f"http://127.0.0.1:{port.getHost().port}/map.json"
+
+    return serve
 
 
 def make_cert(directory: Path, name: str, *, days: int = 30) -> tuple[Path, Path, Path]:

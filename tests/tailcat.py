@@ -59,14 +59,32 @@ class Tailcat:
         self._n += 1
         return f"{role}{self._n}"
 
-    def start_server(self, *args: str, stdout=None, timeout: float = 30) -> tuple[subprocess.Popen, str]:
-        """Start ``tailcat [args]`` as a server; returns (process, its address)."""
-        name = self._name("server")
+    def node(self, name: str, *, server: bool) -> str:
+        """Create a persistent key in ``name``'s home; returns its ``nodekey:...``.
+
+        tailcat uses key "default" in server mode and "client-default" in client modes."""
+        args = ["genkey", "--key=default"] if server else ["genkey", "--client", "--key=client-default"]
+        out = subprocess.run([TAILCAT, *args], env=self.env(name), capture_output=True, text=True, check=True).stdout
+        token = out.strip().splitlines()[-1]
+        if not server:
+            return token
+        parsed = subprocess.run([TAILCAT, "parse", token], env=self.env(name), capture_output=True, text=True,
+                                check=True).stdout
+        return json.loads(parsed)["ServerPublic"]
+
+    def start_server(self, *args: str, stdout=None, timeout: float = 30, home: str | None = None
+                     ) -> tuple[subprocess.Popen, str]:
+        """Start ``tailcat [args]`` as a server; returns (process, its address).
+
+        Without ``home`` it runs with a fresh key in a fresh home."""
+        name = home or self._name("server")
         addr_file = self.workdir / f"{name}.addr"
+        addr_file.unlink(missing_ok=True)
         env = self.env(name)
         env["TAILCAT_ADDR_FILE"] = str(addr_file)
-        log = open(self.workdir / f"{name}.log", "wb")
-        proc = subprocess.Popen([TAILCAT, "--key=new", *args], env=env, stdout=stdout or subprocess.DEVNULL,
+        log = open(self.workdir / f"{name}.log", "ab")
+        key = [] if home else ["--key=new"]
+        proc = subprocess.Popen([TAILCAT, *key, *args], env=env, stdout=stdout or subprocess.DEVNULL,
                                 stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -79,9 +97,11 @@ class Tailcat:
         proc.wait()
         raise AssertionError(f"tailcat server did not publish an address: {(self.workdir / f'{name}.log').read_text()[-2000:]}")
 
-    def run_client(self, *args: str, stdin=None, timeout: float = 60) -> subprocess.CompletedProcess:
-        name = self._name("client")
-        return subprocess.run([TAILCAT, "--key=new", *args], env=self.env(name), stdin=stdin,
+    def run_client(self, *args: str, stdin=None, timeout: float = 60, home: str | None = None
+                   ) -> subprocess.CompletedProcess:
+        name = home or self._name("client")
+        key = [] if home else ["--key=new"]
+        return subprocess.run([TAILCAT, *key, *args], env=self.env(name), stdin=stdin,
                               capture_output=True, timeout=timeout)
 
 
@@ -100,15 +120,12 @@ def transfer(tc: Tailcat, payload: Path, out: Path, timeout: float = 120) -> Non
                 server.wait()
 
 
-def ping(tc: Tailcat, timeout: float = 10) -> str:
-    server, addr = tc.start_server("serve", "9")
+def ping(tc: Tailcat, timeout: float = 10, *, server_home: str | None = None,
+         client_home: str | None = None) -> str:
+    server, addr = tc.start_server("serve", "9", home=server_home)
     try:
-        result = tc.run_client("ping", f"--timeout={timeout:g}s", addr, timeout=timeout + 20)
+        result = tc.run_client("ping", f"--timeout={timeout:g}s", addr, timeout=timeout + 20, home=client_home)
         return result.stdout.decode() + result.stderr.decode()
     finally:
         server.terminate()
         server.wait(timeout=10)
-
-
-def write_map(path: Path, derp_map: dict) -> None:
-    path.write_text(json.dumps(derp_map))

@@ -288,6 +288,8 @@ ALIASES = [
     ("DERP_ACE", "1", "ace", True),
     ("DERP_DEV", "true", "dev", True),
     ("DERP_TLS", "off", "tls", "off"),
+    ("DERP_VERIFY_ALLOWLIST_FILE", "/etc/nodes.json", "verify_allowlist_file", "/etc/nodes.json"),
+    ("DERP_VERIFY_CACHE_TTL", "60s", "verify_cache_ttl", 60.0),
     ("DERP_TLS_GROUPS", "X25519:P-256", "tls_groups", "X25519:P-256"),
     ("DERP_LOG_LEVEL", "debug", "log_level", "debug"),
     ("DERP_LOG_FORMAT", "json", "log_format", "json"),
@@ -674,6 +676,6 @@ DERPER_FLAGS = {
 def test_table_covers_every_derper_flag_and_every_setting():
     flags = [opt.flag for opt in SETTINGS_TABLE]
     assert len(flags) == len(set(flags))
-    assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format", "tls-groups"}
+    assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format", "tls-groups", "verify-allowlist-file", "verify-cache-ttl"}
     derived = {"listen_host", "listen_port", "warnings"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

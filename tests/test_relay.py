@@ -21,6 +21,7 @@ class MemConn:
         self.frames = []
         self.writes = 0
         self.aborted = self.closed = False
+        self.reading = True
 
     def write(self, data):
         self.writes += 1
@@ -31,6 +32,12 @@ class MemConn:
 
     def close(self):
         self.closed = True
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
 
     def take(self, ftype=None):
         got = [(t, p) for t, p in self.frames if ftype is None or t == ftype]
@@ -276,3 +283,89 @@ def test_mesh_watch_forward_close_peer():
     m.feed(F.close_peer_frame(pub(kb)))
     assert cb.closed
     assert cm.take(FrameType.PEER_GONE) == [(FrameType.PEER_GONE, pub(kb) + b"\x00")]
+
+
+class PendingAdmission:
+    """Admission whose decisions the test hands out by hand."""
+
+    enabled = True
+
+    def __init__(self):
+        self.pending = []
+
+    def check(self, key, source_ip):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.pending.append((key, source_ip, d))
+        return d
+
+
+def decision(allow):
+    from derpbox.admission import Decision
+
+    return Decision(allow=allow, check="url", reason="test")
+
+
+def start_pending(relay, extra=b""):
+    key = PrivateKey.generate()
+    conn = MemConn()
+    peer = Peer(relay, conn, ("198.51.100.7", 1234))
+    peer.start()
+    peer.feed(client_info_frame(key, relay.public_key, {"version": 2}) + extra)
+    return peer, conn, key
+
+
+def test_admission_pending_holds_packets_until_allowed(relay):
+    relay.admission = PendingAdmission()
+    b, cb, kb = connect_admitted(relay)
+    a, ca, ka = start_pending(relay, F.send_packet_frame(pub(kb), b"early") + F.send_packet_frame(pub(kb), b"x"))
+    (key, ip, d2) = relay.admission.pending[1]
+    assert (key, ip) == (pub(ka), "198.51.100.7")
+    assert [t for t, _ in ca.frames] == [FrameType.SERVER_KEY] and not ca.reading
+    a.feed(F.send_packet_frame(pub(kb), b"late"))  # TLS may still deliver decrypted bytes
+    assert cb.take() == [] and relay.stats.current_connections == 1
+    d2.callback(decision(True))
+    assert [t for t, _ in ca.frames] == [FrameType.SERVER_KEY, FrameType.SERVER_INFO] and ca.reading
+    assert [p[32:] for _, p in cb.take()] == [b"early", b"x", b"late"]
+
+
+def connect_admitted(relay):
+    peer, conn, key = start_pending(relay)
+    relay.admission.pending[-1][2].callback(decision(True))
+    conn.frames.clear()
+    return peer, conn, key
+
+
+def test_admission_reject_closes_before_server_info(relay):
+    relay.admission = PendingAdmission()
+    b, cb, kb = connect_admitted(relay)
+    a, ca, _ = start_pending(relay, F.send_packet_frame(pub(kb), b"never"))
+    relay.admission.pending[-1][2].callback(decision(False))
+    assert ca.aborted and [t for t, _ in ca.frames] == [FrameType.SERVER_KEY]
+    assert cb.take() == [] and relay.stats.admission_rejections == 1
+    assert relay.stats.current_connections == 1 and relay.stats.packets_received == 0
+
+
+def test_mesh_key_skips_admission():
+    mesh = bytes(range(32))
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh)
+    relay.admission = PendingAdmission()
+    connect(relay, info={"meshKey": mesh.hex()})
+    assert relay.admission.pending == []
+
+
+def test_decision_after_disconnect_is_ignored(relay):
+    relay.admission = PendingAdmission()
+    a, ca, _ = start_pending(relay)
+    a.connection_lost()
+    relay.admission.pending[-1][2].callback(decision(True))
+    assert [t for t, _ in ca.frames] == [FrameType.SERVER_KEY]
+    assert relay.stats.current_connections == 0
+
+
+def test_handshake_deadline_covers_pending_admission(relay):
+    relay.admission = PendingAdmission()
+    a, ca, _ = start_pending(relay)
+    relay.clock.advance(10.1)
+    assert ca.aborted and relay.stats.handshake_failures == 1

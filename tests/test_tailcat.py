@@ -3,46 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from .tailcat import Tailcat, derp_map, needs_tailcat, ping, transfer
 
 pytestmark = needs_tailcat
-
-
-@pytest.fixture
-def serve_map(request):
-    """Serve a DERP map over HTTP on loopback; returns its URL."""
-
-    class MapResource(Resource):
-        isLeaf = True
-
-        def __init__(self, body: bytes):
-            super().__init__()
-            self.body = body
-
-        def render_GET(self, request):
-            request.setHeader(b"content-type", b"application/json")
-            return self.body
-
-    def serve(the_map: dict) -> str:
-        root = Resource()
-        root.putChild(b"map.json", MapResource(json.dumps(the_map).encode()))
-        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-        request.addfinalizer(lambda: pytest_twisted.blockon(port.stopListening()))
-        return f"http://127.0.0.1:{port.getHost().port}/map.json"
-
-    return serve
 
 
 @pytest_twisted.inlineCallbacks

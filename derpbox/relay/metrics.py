@@ -47,6 +47,7 @@ COUNTERS = (
     "websocket_accepts",
     "fast_start_upgrades",
     "handshake_failures",
+    "admission_rejections",
     "protocol_errors",
 )
 

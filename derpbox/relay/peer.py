@@ -47,7 +47,9 @@ _FORWARD = FrameType.FORWARD_PACKET
 _WATCH = FrameType.WATCH_CONNS
 _CLOSE_PEER = FrameType.CLOSE_PEER
 
-HANDSHAKE, ACTIVE, CLOSED = "handshake", "active", "closed"
+HANDSHAKE, ADMITTING, ACTIVE, CLOSED = "handshake", "admitting", "active", "closed"
+# What a client may send while its admission is pending before it is cut off.
+MAX_HELD = 1 << 20
 
 
 class Conn(Protocol):
@@ -56,6 +58,8 @@ class Conn(Protocol):
     def write(self, data: bytes) -> None: ...
     def abort(self) -> None: ...
     def close(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
 
 
 @implementer(IPushProducer)
@@ -81,6 +85,7 @@ class Peer:
         "pong",
         "sent_to",
         "_handshake_buf",
+        "_held",
         "_reader",
         "_not_here_tokens",
         "_not_here_at",
@@ -111,6 +116,7 @@ class Peer:
         self.pong = None
         self.sent_to = None
         self._handshake_buf = b""
+        self._held = b""
         self._reader = None
         self._not_here_tokens = NOT_HERE_BURST
         self._not_here_at = 0.0
@@ -130,13 +136,14 @@ class Peer:
 
     def _handshake_timeout(self) -> None:
         self._timer = None
-        self.fail(f"handshake not completed within {HANDSHAKE_TIMEOUT:g} s")
+        pending = " (admission check pending)" if self.state == ADMITTING else ""
+        self.fail(f"handshake not completed within {HANDSHAKE_TIMEOUT:g} s{pending}")
 
     def fail(self, reason: str) -> None:
         """Close this connection for a protocol violation; logged once."""
         if self.state == CLOSED:
             return
-        if self.state == HANDSHAKE:
+        if self.state != ACTIVE:
             self.relay.stats.handshake_failures += 1
         else:
             self.relay.stats.protocol_errors += 1
@@ -157,13 +164,17 @@ class Peer:
             return
         was_active = self.state == ACTIVE
         self.state = CLOSED
+        self._cancel_timers()
+        self._held = b""
+        if was_active:
+            self.relay.unregister(self)
+            self.relay.flush()
+
+    def _cancel_timers(self) -> None:
         for timer in (self._timer, self._write_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._write_timer = None
-        if was_active:
-            self.relay.unregister(self)
-            self.relay.flush()
 
     # -- input -----------------------------------------------------------
 
@@ -172,7 +183,9 @@ class Peer:
             data = self._feed_handshake(data)
             if not data:
                 return
-        elif self.state == CLOSED:
+        elif self.state != ACTIVE:
+            if self.state == ADMITTING:
+                self._hold(data)
             return
         try:
             frames = self._reader.feed(data)
@@ -211,21 +224,54 @@ class Peer:
             self.fail(str(e))
             return b""
         self._handshake_buf = b""
-        self._timer.cancel()
-        self._timer = None
         self.key = info.key
         self.info = info
         self.is_mesh = self.relay.is_mesh_key(info.mesh_key)
-        if not self.relay.admit(self):
-            self.fail("rejected by admission")
-            return b""
+        rest = buf[used:]
+        admission = self.relay.admission
+        # A valid mesh key admits and skips every check (spec 1.4, step 5).
+        if self.is_mesh or admission is None or not admission.enabled:
+            self._activate(box)
+            return rest
+        self.state = ADMITTING
+        self._held = bytes(rest)
+        # The client may send packets before ServerInfo; they wait, unread, for the decision.
+        self.conn.pause_reading()
+        admission.check(self.key, self.remote[0]).addCallback(self._admitted, box)
+        return b""
+
+    def _admitted(self, decision, box) -> None:
+        if self.state != ADMITTING:
+            return
+        if not decision.allow:
+            # Closed after ServerKey and before ServerInfo, as derper; the admission
+            # layer logs why (rate-limited per key), so no line per connection here.
+            self.relay.stats.admission_rejections += 1
+            self.state = CLOSED
+            self._cancel_timers()
+            self.conn.abort()
+            return
+        held, self._held = self._held, b""
+        self._activate(box)
+        self.conn.resume_reading()
+        if held:
+            self.feed(held)
+
+    def _activate(self, box) -> None:
+        self._timer.cancel()
+        self._timer = None
         self._reader = FrameReader(CLIENT_FRAME_BOUNDS)
         self.state = ACTIVE
         self.connected_at = self.relay.clock.seconds()
         self.relay.register(self)
         self.conn.write(self.relay.handshake.server_info_frame(box))
         self._schedule_keepalive(KEEPALIVE_INTERVAL + random.random() * KEEPALIVE_JITTER)
-        return buf[used:]
+
+    def _hold(self, data: bytes) -> None:
+        # Reading is paused, but a TLS layer may still hand over what it already decrypted.
+        self._held += data
+        if len(self._held) > MAX_HELD:
+            self.fail(f"sent over {MAX_HELD} bytes while its admission was pending")
 
     def _on_ping(self, payload) -> None:
         self.relay.stats.got_ping += 1

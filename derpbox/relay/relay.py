@@ -64,6 +64,8 @@ class Relay:
         self.queue_depth = queue_depth
         self.write_timeout = write_timeout
         self.mesh_key = mesh_key
+        # Set by the service when client verification is configured (derpbox.admission).
+        self.admission = None
         self.stats = RelayStats()
         self.dirty: list[Peer] = []
         # key -> the connection that receives its traffic; absent while duplicates
@@ -82,9 +84,6 @@ class Relay:
 
     def is_mesh_key(self, offered: bytes | None) -> bool:
         return mesh_key_matches(self.mesh_key, offered)
-
-    def admit(self, peer: Peer) -> bool:
-        return True
 
     def write_timeout_for(self, peer: Peer) -> float:
         return MESH_WRITE_TIMEOUT if peer.is_mesh else self.write_timeout

@@ -48,6 +48,7 @@ HEAD_TIMEOUT = 30.0
 # Browsers accept any size, but small messages keep every WebSocket reader happy.
 WS_CHUNK = 32 << 10
 GO_DEFAULT_KEEPALIVE = 15.0
+TRANSPORT_BUFFER = 256 << 10
 
 
 def remote_address(transport) -> tuple[str, int]:
@@ -63,19 +64,18 @@ def remote_address(transport) -> tuple[str, int]:
     return host, getattr(addr, "port", 0)
 
 
-def raw_socket(transport):
-    """The TCP socket under a (possibly TLS-wrapped) transport."""
+def tcp_transport(transport):
+    """The TCP transport under a (possibly TLS-wrapped) transport."""
     while transport is not None:
-        sock = getattr(transport, "socket", None)
-        if isinstance(sock, socket.socket):
-            return sock
+        if isinstance(getattr(transport, "socket", None), socket.socket):
+            return transport
         transport = getattr(transport, "transport", None)
     return None
 
 
 class FrontConnection(Protocol):
     # Set as instance attributes in DERP mode so the peer's writes skip a layer.
-    write = abort = close = None
+    write = abort = close = pause_reading = resume_reading = None
 
     def __init__(self, factory: FrontFactory):
         self.factory = factory
@@ -191,6 +191,8 @@ class FrontConnection(Protocol):
             self._ws_received(rest)
 
     def _begin(self, head, rest: bytes) -> None:
+        self.pause_reading = self.transport.pauseProducing
+        self.resume_reading = self.transport.resumeProducing
         peer = Peer(self.factory.relay, self, remote_address(self.transport), not_ideal=ideal_node(head) is not None)
         self._peer = peer
         self.transport.registerProducer(peer, True)
@@ -257,9 +259,14 @@ class FrontFactory(Factory):
 
     def tune(self, transport) -> None:
         """Socket options derper sets; NODELAY matters: without it latency jumps to ms."""
-        sock = raw_socket(transport)
-        if sock is None:
+        tcp = tcp_transport(transport)
+        if tcp is None:
             return
+        # Twisted pauses a producer once this many bytes wait in user space, before it
+        # has even tried the socket; one 64 KiB read can relay that much to a single
+        # receiver, so the default would pause (and drop) on a healthy connection.
+        tcp.bufferSize = TRANSPORT_BUFFER
+        sock = tcp.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Go's meaning: 0 picks the 15 s default, a negative value turns keepalive off.
         keepalive = self.tcp_keepalive or GO_DEFAULT_KEEPALIVE
