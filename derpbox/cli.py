@@ -25,17 +25,22 @@ log = Logger()
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 
 
-def _quiet_legacy(event) -> PredicateResult:
-    """Twisted's ports announce themselves through the legacy log ("X starting on N");
-    derpbox logs its own listeners, so those lines are debug noise unless errors."""
-    if event.get("log_namespace") == "log_legacy" and not event.get("isError"):
+_FACTORY_NOISE = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
+
+
+def _quiet_twisted(event) -> PredicateResult:
+    """Twisted announces every port through the legacy log ("X starting on N") and
+    every client factory (one per admission request); derpbox logs what matters
+    itself, so those lines are debug noise unless errors."""
+    legacy = event.get("log_namespace") == "log_legacy" and not event.get("isError")
+    if legacy or event.get("log_format") in _FACTORY_NOISE:
         event["log_level"] = LogLevel.debug
     return PredicateResult.maybe
 
 
 def _start_logging(level: str, fmt: str) -> None:
     observer = jsonFileLogObserver(sys.stderr, "") if fmt == "json" else textFileLogObserver(sys.stderr)
-    predicates = [_quiet_legacy, LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])]
+    predicates = [_quiet_twisted, LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])]
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, predicates)], redirectStandardIO=False)
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 
 from nacl.public import PrivateKey
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -16,6 +13,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import ConfigError, Settings
+from .heap import HeapService
 from .config import DEV_MESH_KEY_ENV
 from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
 from .admission import Admission
@@ -42,26 +40,6 @@ def _endpoint(reactor, host: str, port: int):
         # A "::" socket on Linux also accepts IPv4 unless IPV6_V6ONLY is set.
         return TCP6ServerEndpoint(reactor, port, interface=host or "::")
     return TCP4ServerEndpoint(reactor, port, interface=host)
-
-
-def _malloc_trim():
-    """glibc's malloc_trim, or None on other C libraries (e.g. musl)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-class MemoryTrimService(TimerService):
-    """Hands freed heap back to the OS now and then.
-
-    OpenSSL allocates and frees per connection; after many connections close, glibc
-    keeps the freed pages, and the process would look as large as at its peak.
-    """
-
-    def __init__(self, interval: float = 60.0):
-        trim = _malloc_trim()
-        super().__init__(interval, trim if trim is not None else (lambda _: None), 0)
 
 
 class ListenerService(Service):
@@ -221,7 +199,7 @@ class DerpboxService(MultiService):
         if settings.stun:
             self.stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, reactor)
             self.stun.setServiceParent(self)
-        MemoryTrimService().setServiceParent(self)
+        HeapService().setServiceParent(self)
         log.info("server key {key}", key=node_public_text(self.relay.public_key))
         for warning in settings.warnings:
             log.warn("{warning}", warning=warning)

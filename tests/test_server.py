@@ -220,9 +220,9 @@ def test_websocket_derp_relays_to_plain_client(start_server):
 class SteadyPair:
     """Two clients relaying a numbered packet every few ms in a thread; counts losses."""
 
-    def __init__(self, url):
-        self.a = DERPClient.connect(url)
-        self.b = DERPClient.connect(url)
+    def __init__(self, url, keys=(None, None)):
+        self.a = DERPClient.connect(url, keys[0])
+        self.b = DERPClient.connect(url, keys[1])
         self.sent = 0
         self.received = []
         self._stop = threading.Event()
@@ -560,3 +560,33 @@ def test_tls_groups_validated():
     with pytest.raises(ConfigError, match="-tls-groups.*'NOPE'.*OpenSSL group list"):
         load_settings(["-c", "/tmp/k", "-tls-groups", "NOPE"], {})
     assert load_settings(["-c", "/tmp/k", "-tls=off"], {"DERP_TLS_GROUPS": "X25519:P-256"}).tls_groups == "X25519:P-256"
+
+
+@pytest.mark.parametrize("websocket", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_closed_connections_are_freed_without_cyclic_gc(start_server, websocket):
+    """derpbox.heap freezes long-lived objects; that is only safe if a closed
+    connection needs no cyclic collection to be freed."""
+    import gc
+    import weakref
+
+    server = yield start_server()
+    front = server.service.main.factory.wrappedFactory
+    built = []
+    original = front.buildProtocol
+
+    def tracking(addr):
+        p = original(addr)
+        built.append(weakref.ref(p))
+        return p
+
+    front.buildProtocol = tracking
+    gc.collect()
+    gc.disable()
+    try:
+        yield deferToThread(relay_roundtrip, server.url, 3, websocket=websocket)
+        yield wait_for(lambda: server.stats.current_connections == 0)
+        yield wait_for(lambda: all(ref() is None for ref in built), timeout=2)
+        assert len(built) == 2
+    finally:
+        gc.enable()

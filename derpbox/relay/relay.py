@@ -165,9 +165,13 @@ class Relay:
 
     def _gone(self, key: bytes) -> None:
         """The last connection of ``key`` left: tell those it sent to, and watchers."""
-        for dst in self._sent_to.pop(key, {}).values():
+        sent_to = self._sent_to.pop(key, {})
+        for dst in sent_to.values():
             if dst.state == ACTIVE:
                 dst.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
+        # Two keys that sent to each other reference each other's dicts: clearing
+        # breaks that cycle, so closed connections are freed by reference counting.
+        sent_to.clear()
         for watcher in self._watchers:
             watcher.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
 

@@ -111,8 +111,13 @@ class FrontConnection(Protocol):
             self._timer = None
         if self._peer is not None:
             self._peer.connection_lost()
+            self.transport.unregisterProducer()
         elif self._web is not None:
             self._web.connectionLost(reason)
+        # Break our reference cycles so reference counting frees the connection
+        # (derpbox.heap keeps long-lived objects out of the cyclic GC's reach).
+        self._peer = self._web = self._ws = None
+        self.write = self.abort = self.close = self.pause_reading = self.resume_reading = None
 
     # -- the first request ------------------------------------------------
 
