@@ -29,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nacl.public import PrivateKey
+from OpenSSL import SSL
 
+from derpbox.client import DERPClient, DERPClientError
 from derpbox.protocol.frames import HEADER_LEN, KEY_LEN, SERVER_FRAME_BOUNDS, FrameReader, FrameType, send_packet_frame
 from derpbox.protocol.handshake import client_info_frame, open_server_info, parse_server_key
 
@@ -225,16 +227,20 @@ def receiver_main(port: int, keys: list[bytes], pipe) -> None:
 
 
 def idle_main(port: int, count: int, concurrency: int, pipe) -> None:
+    # Idle connections go through derpbox's client on pyOpenSSL: its OpenSSL offers the
+    # post-quantum X25519MLKEM768 key share first, as Go's Tailscale client does, and a
+    # server holds that state per connection. (The stdlib ssl here links an OpenSSL
+    # without it.) No fast start, since Go's server does not offer it.
     def one(_):
         try:
-            return dial(port, PrivateKey.generate())[0]
-        except OSError as e:  # ssl.SSLError is an OSError
+            return DERPClient.connect(f"https://127.0.0.1:{port}/derp", fast_start=False, timeout=30)
+        except (OSError, SSL.Error, DERPClientError) as e:
             return e
 
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(count)))
-    conns = [r for r in results if isinstance(r, TLSConn)]
-    errors = sorted({repr(r) for r in results if not isinstance(r, TLSConn)})
+    conns = [r for r in results if isinstance(r, DERPClient)]
+    errors = sorted({repr(r) for r in results if not isinstance(r, DERPClient)})
     pipe.send((len(conns), errors[:5]))
     pipe.recv()  # hold them open while the parent measures
     for conn in conns:
@@ -375,11 +381,11 @@ def wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} is not listening on {port}")
 
 
-def start_derpbox(tmp: Path, log) -> dict:
+def start_derpbox(tmp: Path, log, extra_args: str = "") -> dict:
     port, stun = free_port(), free_port(socket.SOCK_DGRAM)
     cmd = [sys.executable, "-m", "derpbox", "-a", f"127.0.0.1:{port}", "-certmode", "manual",
            "-hostname", "127.0.0.1", "-certdir", str(tmp), "-c", str(tmp / "key"),
-           "-http-port", "-1", "-stun-port", str(stun)]
+           "-http-port", "-1", "-stun-port", str(stun), *shlex.split(extra_args)]
     # derpbox does not raise its soft fd limit itself (Go's runtime does), and 2,000 idle
     # connections need more than the usual 1,024: set it in the child, whatever we inherited.
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
@@ -554,6 +560,7 @@ def main() -> int:
     ap.add_argument("--idle-procs", type=int, default=4, help="processes holding the idle connections")
     ap.add_argument("--idle-concurrency", type=int, default=16, help="concurrent handshakes per idle process")
     ap.add_argument("--servers", default="derpbox,go", help="which servers, in order (default derpbox,go)")
+    ap.add_argument("--derpbox-args", default="", help="extra derpbox flags, e.g. '-tls-groups X25519:P-256'")
     ap.add_argument("--tailcat", default=default_tailcat(), help="tailcat binary (Tailscale's Go DERP server)")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results directory")
     args = ap.parse_args()
@@ -571,7 +578,8 @@ def main() -> int:
     for name in args.servers.split(","):
         with tempfile.TemporaryDirectory(prefix=f"derpbench-{name}-") as tmp, \
                 open(args.out / f"{started}-{name}.log", "wb") as log:
-            server = start_derpbox(Path(tmp), log) if name == "derpbox" else start_go(Path(tmp), log, args.tailcat)
+            server = (start_derpbox(Path(tmp), log, args.derpbox_args) if name == "derpbox"
+                      else start_go(Path(tmp), log, args.tailcat))
             try:
                 res["nofile"][name] = nofile_limit(server["pid"])
                 if args.idle_conns:

@@ -50,3 +50,41 @@ def test_help_and_version():
     assert result.returncode == 0 and "-hostname" in result.stdout and "DERP_DOMAIN" in result.stdout
     result = run("-version")
     assert result.returncode == 0 and result.stdout.startswith("derpbox ")
+
+
+def test_dev_mode_serves_plain_derp_and_stun_on_localhost(tmp_path):
+    """`derpbox -dev`, the README's first command: DERP over plain HTTP on
+    127.0.0.1:3340 and STUN on 3478, with a key that lives only in memory."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from derpbox.client import DERPClient
+    from derpbox.protocol import stun
+
+    proc = subprocess.Popen([sys.executable, "-m", "derpbox", "-dev"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                a = DERPClient.connect("http://127.0.0.1:3340/derp")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "derpbox -dev did not come up"
+                time.sleep(0.1)
+        b = DERPClient.connect("http://127.0.0.1:3340/derp")
+        a.send_packet(b.public_key, b"dev")
+        assert b.recv_packet() == (a.public_key, b"dev")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.sendto(stun.build_binding_request(b"x" * 12), ("127.0.0.1", 3478))
+            assert stun.parse_binding_response(s.recv(100))[0] == b"x" * 12
+        a.close()
+        b.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert os.listdir(tmp_path) == []  # no key file written in -dev
