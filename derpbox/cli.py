@@ -91,10 +91,33 @@ def serve(argv: list[str], environ=os.environ) -> int:
     return exit_code[0] if exit_code else 0
 
 
+def _subcommand(name: str):
+    """The entry point of a subcommand, imported only when used."""
+    if name == "healthcheck":
+        from .checks import healthcheck_main
+
+        return healthcheck_main
+    if name == "check":
+        from .checks import check_main
+
+        return check_main
+    if name == "derpmap":
+        from .derpmap import derpmap_main
+
+        return derpmap_main
+    return serve
+
+
+SUBCOMMANDS = ("serve", "healthcheck", "check", "derpmap")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # SIGPIPE is ignored by Python already; restore default SIGINT for a clean ^C exit.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Flags alone mean "serve", as derper's command line has no subcommand.
+    if argv and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv[0])(argv[1:], os.environ)
     return serve(argv)
 
 

@@ -93,6 +93,17 @@ class Settings:
     tls_groups: str  # OpenSSL group list; "" = OpenSSL's default
     log_level: str
     log_format: str
+    metrics_addr: str  # "" = no metrics listener
+    metrics_allow: tuple[str, ...]
+    region_id: int
+    region_code: str
+    region_name: str
+    public_ipv4: str  # "" = unknown, "none" = disabled
+    public_ipv6: str
+    public_port: int  # 0 = listen_port
+    public_stun_port: int  # 0 = stun_port
+    public_http_port: int  # 0 = http_port
+    derpmap_path: str
     warnings: tuple[str, ...]
 
     @property
@@ -309,6 +320,43 @@ def _listen_addr(text: str) -> str:
     return text
 
 
+def _optional_listen_addr(text: str) -> str:
+    return _listen_addr(text) if text else ""
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+    return items
+
+
+def _ip_or_none(version: int):
+    def parse(text: str) -> str:
+        text = text.strip()
+        if text.lower() in ("", "none"):
+            return text.lower()
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IPv{version} address") from None
+        if addr.version != version:
+            raise ValueError(f"{text!r} is not an IPv{version} address")
+        return str(addr)
+
+    return parse
+
+
+def _region_id(text: str) -> int:
+    value = _go_int(text)
+    if not 1 <= value <= 2**53 - 1:
+        raise ValueError("must be between 1 and 2^53-1 (900-999 are reserved for your own relays)")
+    return value
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -515,6 +563,33 @@ SETTINGS_TABLE: tuple[Option, ...] = (
     Option("log_level", "log-level", _choices("debug", "info", "warn", "error"), "info", "log level",
            _env("DERP_LOG_LEVEL")),
     Option("log_format", "log-format", _choices("text", "json"), "text", "log format", _env("DERP_LOG_FORMAT")),
+    Option("metrics_addr", "metrics-addr",
+           Kind("string", _optional_listen_addr, "empty, :PORT, HOST:PORT or [IPV6]:PORT"), "",
+           "plain-HTTP listener for /metrics and /healthz (Prometheus); empty disables it",
+           _env("DERP_METRICS_ADDR")),
+    Option("metrics_allow", "metrics-allow", Kind("string", _cidrs, "a comma-separated list of IPs or CIDRs", (str, list)),
+           ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"),
+           "who may reach the metrics listener", _env("DERP_METRICS_ALLOW"),
+           default_text="loopback and private (RFC 1918, ULA) addresses"),
+    Option("region_id", "region-id", Kind("int", _region_id, "an integer 1..2^53-1 (900-999 for your own relays)", _NUMBERS),
+           900, "DERP map region ID of this relay (for derpbox derpmap)", _env("DERP_REGION_ID")),
+    Option("region_code", "region-code", TEXT, "", "DERP map region code; default derived from the hostname",
+           _env("DERP_REGION_CODE")),
+    Option("region_name", "region-name", TEXT, "", "DERP map region name; default derived from the hostname",
+           _env("DERP_REGION_NAME")),
+    Option("public_ipv4", "public-ipv4", Kind("string", _ip_or_none(4), "an IPv4 address, or none"), "",
+           "this relay's public IPv4 address for the DERP map (none disables IPv4)", _env("DERP_PUBLIC_IPV4")),
+    Option("public_ipv6", "public-ipv6", Kind("string", _ip_or_none(6), "an IPv6 address, or none"), "",
+           "this relay's public IPv6 address for the DERP map (none disables IPv6)", _env("DERP_PUBLIC_IPV6")),
+    Option("public_port", "public-port", PORT, 0, "DERP port as seen from outside; 0 means the listen port",
+           _env("DERP_PUBLIC_PORT")),
+    Option("public_stun_port", "public-stun-port", PORT, 0, "STUN port as seen from outside; 0 means -stun-port",
+           _env("DERP_PUBLIC_STUN_PORT")),
+    Option("public_http_port", "public-http-port", PORT, 0,
+           "plain-HTTP port as seen from outside; 0 means -http-port (CanPort80 when it is 80)",
+           _env("DERP_PUBLIC_HTTP_PORT")),
+    Option("derpmap_path", "derpmap-path", TEXT, "", "also serve this relay's DERP map JSON at this path, e.g. /derpmap.json",
+           _env("DERP_DERPMAP_PATH")),
 )
 
 _BY_FLAG = {opt.flag: opt for opt in SETTINGS_TABLE}

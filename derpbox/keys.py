@@ -7,6 +7,7 @@ identity (and every DERP map and ACL that pins it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -161,3 +162,13 @@ def load_mesh_key(path: str) -> bytes:
     except OSError as e:
         raise MeshKeyError(f"mesh key file {path}: {e.strerror}") from None
     return parse_mesh_key(text, f"mesh key file {path}")
+
+
+def health_key(private_key: nacl.public.PrivateKey) -> bytes:
+    """A mesh-style key only holders of the server's key file can compute.
+
+    ``derpbox healthcheck`` runs beside the server and reads the same key file; it
+    presents this as its ClientInfo meshKey, so its test clients pass client
+    verification without any tailnet membership.
+    """
+    return hashlib.sha256(b"derpbox healthcheck v1\x00" + bytes(private_key)).digest()

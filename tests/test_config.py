@@ -290,6 +290,17 @@ ALIASES = [
     ("DERP_TLS", "off", "tls", "off"),
     ("DERP_VERIFY_ALLOWLIST_FILE", "/etc/nodes.json", "verify_allowlist_file", "/etc/nodes.json"),
     ("DERP_VERIFY_CACHE_TTL", "60s", "verify_cache_ttl", 60.0),
+    ("DERP_METRICS_ADDR", "127.0.0.1:9090", "metrics_addr", "127.0.0.1:9090"),
+    ("DERP_METRICS_ALLOW", "10.1.0.0/16, 192.0.2.7", "metrics_allow", ("10.1.0.0/16", "192.0.2.7")),
+    ("DERP_REGION_ID", "901", "region_id", 901),
+    ("DERP_REGION_CODE", "fra", "region_code", "fra"),
+    ("DERP_REGION_NAME", "Frankfurt", "region_name", "Frankfurt"),
+    ("DERP_PUBLIC_IPV4", "203.0.113.7", "public_ipv4", "203.0.113.7"),
+    ("DERP_PUBLIC_IPV6", "none", "public_ipv6", "none"),
+    ("DERP_PUBLIC_PORT", "8443", "public_port", 8443),
+    ("DERP_PUBLIC_STUN_PORT", "3479", "public_stun_port", 3479),
+    ("DERP_PUBLIC_HTTP_PORT", "8080", "public_http_port", 8080),
+    ("DERP_DERPMAP_PATH", "/derpmap.json", "derpmap_path", "/derpmap.json"),
     ("DERP_TLS_GROUPS", "X25519:P-256", "tls_groups", "X25519:P-256"),
     ("DERP_LOG_LEVEL", "debug", "log_level", "debug"),
     ("DERP_LOG_FORMAT", "json", "log_format", "json"),
@@ -411,6 +422,11 @@ INVALID = [
     ("tls", "yes", "auto, on, off"),
     ("log-level", "warning", "debug, info, warn, error"),
     ("log-format", "xml", "text, json"),
+    ("metrics-addr", "nope", ":PORT, HOST:PORT"),
+    ("metrics-allow", "10.0.0.0/33", "list of IPs or CIDRs"),
+    ("region-id", "0", "900-999"),
+    ("public-ipv4", "2001:db8::1", "an IPv4 address"),
+    ("public-ipv6", "192.0.2.1", "an IPv6 address"),
     ("verify-client-url-fail-open", "nope", "TRUE, true, True"),
 ]
 
@@ -676,6 +692,9 @@ DERPER_FLAGS = {
 def test_table_covers_every_derper_flag_and_every_setting():
     flags = [opt.flag for opt in SETTINGS_TABLE]
     assert len(flags) == len(set(flags))
-    assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format", "tls-groups", "verify-allowlist-file", "verify-cache-ttl"}
+    assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format", "tls-groups", "verify-allowlist-file", "verify-cache-ttl",
+                                    "metrics-addr", "metrics-allow", "region-id", "region-code", "region-name",
+                                    "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
+                                    "public-http-port", "derpmap-path"}
     derived = {"listen_host", "listen_port", "warnings"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

@@ -369,3 +369,16 @@ def test_handshake_deadline_covers_pending_admission(relay):
     a, ca, _ = start_pending(relay)
     relay.clock.advance(10.1)
     assert ca.aborted and relay.stats.handshake_failures == 1
+
+
+def test_health_key_is_trusted_like_the_mesh_key():
+    from derpbox.keys import health_key
+
+    private = PrivateKey.generate()
+    relay = Relay(private, Clock())
+    relay.admission = PendingAdmission()
+    connect(relay, info={"meshKey": health_key(private).hex()})
+    assert relay.admission.pending == []
+    connect_admitted(relay)  # any other key still goes through admission
+    assert len(relay.admission.pending) == 1
+    assert health_key(PrivateKey.generate()) != health_key(private)

