@@ -6,42 +6,13 @@ import os
 import signal
 import sys
 
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    PredicateResult,
-    Logger,
-    globalLogBeginner,
-    jsonFileLogObserver,
-    textFileLogObserver,
-)
+from twisted.logger import Logger
 
 from . import __version__
 from .config import ConfigError, UsageRequested, load_settings
+from .logs import start_logging
 
 log = Logger()
-
-_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
-
-
-_FACTORY_NOISE = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
-
-
-def _quiet_twisted(event) -> PredicateResult:
-    """Twisted announces every port through the legacy log ("X starting on N") and
-    every client factory (one per admission request); derpbox logs what matters
-    itself, so those lines are debug noise unless errors."""
-    legacy = event.get("log_namespace") == "log_legacy" and not event.get("isError")
-    if legacy or event.get("log_format") in _FACTORY_NOISE:
-        event["log_level"] = LogLevel.debug
-    return PredicateResult.maybe
-
-
-def _start_logging(level: str, fmt: str) -> None:
-    observer = jsonFileLogObserver(sys.stderr, "") if fmt == "json" else textFileLogObserver(sys.stderr)
-    predicates = [_quiet_twisted, LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])]
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, predicates)], redirectStandardIO=False)
 
 
 def serve(argv: list[str], environ=os.environ) -> int:
@@ -56,7 +27,7 @@ def serve(argv: list[str], environ=os.environ) -> int:
     if settings.version_requested:
         sys.stdout.write(f"derpbox {__version__}\n")
         return 0
-    _start_logging(settings.log_level, settings.log_format)
+    start_logging(settings.log_level, settings.log_format)
 
     from twisted.internet import reactor
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 
-import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding

@@ -37,7 +37,8 @@ from derpbox.tls.certs import (
     ensure_ip_self_signed,
     sanitize_hostname,
 )
-from derpbox.tls.context import LogThrottle, ServerTLS
+from derpbox.logs import LogThrottle
+from derpbox.tls.context import ServerTLS
 from derpbox.tls.metacert import make_meta_certificate
 
 # Parsing the 71-character meta-certificate CN warns; that CN is intended.

@@ -147,7 +147,8 @@ class Peer:
             self.relay.stats.handshake_failures += 1
         else:
             self.relay.stats.protocol_errors += 1
-        log.info("closing {peer}: {reason}", peer=self, reason=reason)
+        # Identical reasons (a scanner repeating itself) are folded into one line a minute.
+        self.relay.noise.info(reason, "closing {peer}: {reason}", peer=self, reason=reason)
         self.conn.abort()
         self.connection_lost()
 

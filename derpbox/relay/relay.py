@@ -28,6 +28,7 @@ from ..protocol.frames import (
     peer_present_frame,
 )
 from ..keys import health_key
+from ..logs import LogThrottle
 from ..protocol.handshake import ServerHandshake, mesh_key_matches
 from .metrics import RelayStats
 from .peer import ACTIVE, Peer
@@ -69,6 +70,8 @@ class Relay:
         # Set by the service when client verification is configured (derpbox.admission).
         self.admission = None
         self.stats = RelayStats()
+        # Per-connection failure lines, folded when a reason repeats (scanners).
+        self.noise = LogThrottle(Logger("derpbox.relay.peer"))
         self.dirty: list[Peer] = []
         # key -> the connection that receives its traffic; absent while duplicates
         # of a key exist and none of them has spoken since the active one left.

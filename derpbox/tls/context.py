@@ -9,8 +9,6 @@ existing connections keep the context they were created with.
 
 from __future__ import annotations
 
-import time
-from typing import Callable
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
@@ -18,6 +16,7 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..logs import LogThrottle
 from .certs import CertificateSource, CertifiedKey, is_ip_address
 from .metacert import make_meta_certificate
 
@@ -26,33 +25,6 @@ log = Logger()
 _HTTP11 = b"http/1.1"
 # Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 keeps OpenSSL's defaults.
 _TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-class LogThrottle:
-    """Log at most one line per *interval* seconds per key, counting the ones dropped.
-
-    For events a scanner can trigger on every connection (bad SNI, no
-    certificate yet): the count of dropped lines rides on the next line logged.
-    """
-
-    def __init__(self, logger: Logger, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._log = logger
-        self._interval = interval
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, key: str, format: str, **kwargs: object) -> None:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            format += " ({suppressed} similar lines suppressed)"
-        self._log.warn(format, suppressed=suppressed, **kwargs)
 
 
 @implementer(IOpenSSLContextFactory)
