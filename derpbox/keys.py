@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import nacl.public
+
+from .files import write_atomically
 
 PRIVATE_PREFIX = "privkey:"
 NODE_PUBLIC_PREFIX = "nodekey:"
@@ -67,7 +68,7 @@ def load_or_create_key(path: str) -> nacl.public.PrivateKey:
             data = f.read()
     except FileNotFoundError:
         key = generate_private_key()
-        _write_atomically(path, _encode(key))
+        write_atomically(path, _encode(key), 0o600)
         return key
     return _decode_file(path, data)
 
@@ -115,29 +116,6 @@ def _decode_hex(digits: str, what: str) -> bytes:
         return bytes.fromhex(digits)
     except ValueError:
         raise ValueError(f"{what}: contains characters that are not hex digits") from None
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write via a temp file in the same directory so a crash never leaves a half-written key."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".derpbox-key-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    # Persist the rename itself, not just the file's bytes.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class MeshKeyError(ValueError):

@@ -60,6 +60,21 @@ def log_events():
 
 
 @pytest.fixture
+def log_lines():
+    """Formatted log messages emitted while the test runs (a live list)."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines = []
+
+    def observer(event):
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
 def start_server(tmp_path, request):
     """Start derpbox with derper-style flags; loopback and ephemeral ports by default."""
 

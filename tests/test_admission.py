@@ -18,7 +18,6 @@ import pytest_twisted
 from twisted.internet import defer, ssl, task
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from derpbox.admission import Admission, AdmissionConfigError, AdmissionStats, AllowlistError, Decision
@@ -46,18 +45,6 @@ def nk(k: bytes) -> str:
 
 
 A, B, C = key(1), key(2), key(3)
-
-
-@pytest.fixture
-def log_lines():
-    lines = []
-
-    def observer(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
 
 
 @pytest.fixture

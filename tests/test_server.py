@@ -12,7 +12,6 @@ import pytest
 import pytest_twisted
 from nacl.public import PrivateKey
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 
 from derpbox.client import DERPClient, DERPClientError
 from derpbox.protocol import frames as F
@@ -21,21 +20,6 @@ from derpbox.protocol.frames import FrameType
 from derpbox.protocol.handshake import client_info_frame
 
 from .conftest import make_cert
-
-
-@pytest.fixture
-def log_lines():
-    """Formatted log messages emitted while the test runs."""
-    from twisted.logger import formatEvent
-
-    lines = []
-
-    def observer(event):
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
 
 
 @pytest_twisted.inlineCallbacks

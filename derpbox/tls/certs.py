@@ -13,7 +13,6 @@ import datetime
 import ipaddress
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Union
@@ -29,6 +28,8 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from twisted.logger import Logger
+
+from ..files import write_atomically
 
 log = Logger()
 
@@ -223,14 +224,14 @@ def ensure_ip_self_signed(certdir: str | os.PathLike[str], ip: str) -> Certified
     certified_key = _make_ip_self_signed(ip, address)
     crt_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Key first: a crash in between leaves no certificate, so the next start regenerates both.
-    _write_atomic(
+    write_atomically(
         key_path,
         certified_key.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
         ),
         0o600,
     )
-    _write_atomic(crt_path, certified_key.leaf.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(crt_path, certified_key.leaf.public_bytes(serialization.Encoding.PEM), 0o644)
     log.info("Created self-signed certificate for IP address {ip} in {path}", ip=ip, path=str(crt_path))
     return certified_key
 
@@ -265,20 +266,6 @@ def _make_ip_self_signed(ip: str, address: ipaddress.IPv4Address | ipaddress.IPv
         .sign(key, hashes.SHA256())
     )
     return CertifiedKey(chain=(cert,), key=key)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def derp_map_node_json(hostname_ip: str, cert: CertifiedKey, derp_port: int, stun_port: int) -> dict:
