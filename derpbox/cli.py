@@ -28,6 +28,9 @@ def serve(argv: list[str], environ=os.environ) -> int:
         sys.stdout.write(f"derpbox {__version__}\n")
         return 0
     start_logging(settings.log_level, settings.log_format)
+    for flag in settings.not_yet_supported():
+        log.warn("{flag} is accepted for compatibility with derper but not supported by this "
+                 "version of derpbox: it has no effect", flag=flag)
 
     from twisted.internet import reactor
 

@@ -119,6 +119,21 @@ class Settings:
     def hostname_is_ip(self) -> bool:
         return _is_ip(self.hostname)
 
+    def not_yet_supported(self) -> list[str]:
+        """derper settings this version accepts (so command lines keep working) but
+        does not act on: each set to a non-default value is named, never ignored silently."""
+        unsupported = {
+            "acme_ip_certs": "-acme-ip-certs",
+            "bootstrap_dns_names": "-bootstrap-dns-names",
+            "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
+            "rate_config": "-rate-config",
+            "ace": "-ace",
+        }
+        found = [flag for name, flag in unsupported.items() if getattr(self, name)]
+        if self.accept_connection_limit != math.inf or self.accept_connection_burst != sys.maxsize:
+            found.append("-accept-connection-limit/-accept-connection-burst")
+        return found
+
 
 # --- value parsers: text -> value, raising ValueError(reason) -------------------------------
 

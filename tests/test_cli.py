@@ -88,3 +88,20 @@ def test_dev_mode_serves_plain_derp_and_stun_on_localhost(tmp_path):
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
     assert os.listdir(tmp_path) == []  # no key file written in -dev
+
+
+def test_accepted_but_unsupported_derper_flags_are_named_at_start_up(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "derpbox", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "-tls=off", "-stun=false",
+         "-bootstrap-dns-names", "example.com", "-rate-config", "/etc/rate.json", "-accept-connection-limit", "10"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    for flag in ("-bootstrap-dns-names", "-rate-config", "-accept-connection-limit"):
+        assert f"{flag}" in err and "not supported by this version of derpbox" in err, err
+    assert "-ace " not in err
