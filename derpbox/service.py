@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, split_listen_addr
 from .heap import HeapService
 from .config import DEV_MESH_KEY_ENV
 from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
@@ -25,8 +25,10 @@ from .tls.certs import (
     derp_map_node_json,
 )
 from .tls.context import ServerTLS
+from .metrics import Metrics, TLSStats
 from .web.connection import FrontFactory
-from .web.endpoints import build_main_site
+from .web.debug import DebugResource, MetricsListenerResource, parse_allow_list
+from .web.endpoints import QuietSite, build_main_site
 from .web.port80 import build_port80_site
 
 log = Logger()
@@ -169,7 +171,23 @@ class DerpboxService(MultiService):
         )
         self.admission = build_admission(settings, reactor)
         self.relay.admission = self.admission
-        self.site = build_main_site(derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname)
+        self.stun_stats = STUNStats()
+        self.tls_stats = TLSStats() if settings.use_tls else None
+        self.metrics = Metrics(
+            self.relay,
+            self.stun_stats,
+            self.admission.stats if self.admission is not None else None,
+            self.tls_stats,
+        )
+        self.debug = DebugResource(
+            self.metrics,
+            hostname=settings.hostname,
+            mesh_key_configured=self.relay.mesh_key is not None,
+            environ=environ,
+        )
+        self.site = build_main_site(
+            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=self.debug
+        )
         front = FrontFactory(
             self.relay,
             self.site,
@@ -177,6 +195,7 @@ class DerpboxService(MultiService):
             derp_enabled=settings.derp,
             tcp_keepalive=settings.tcp_keepalive_time,
             tcp_user_timeout=settings.tcp_user_timeout,
+            tls_stats=self.tls_stats,
         )
         self.tls = None
         factory = front
@@ -190,11 +209,22 @@ class DerpboxService(MultiService):
         if self.tls and settings.http_port >= 0:
             self.port80 = ListenerService(
                 _endpoint(reactor, settings.listen_host, settings.http_port),
-                build_port80_site(),
+                build_port80_site(main_resource=self.site.resource, environ=environ),
                 "HTTP (captive-portal check, redirect)",
             )
             self.port80.setServiceParent(self)
-        self.stun_stats = STUNStats()
+        self.metrics_listener = None
+        if settings.metrics_addr:
+            host, port = split_listen_addr(settings.metrics_addr)
+            try:
+                allow = parse_allow_list(settings.metrics_allow)
+            except ValueError as e:
+                raise ConfigError(f"-metrics-allow: {e}") from None
+            resource = MetricsListenerResource(self.metrics, allow, healthy=lambda: self.running)
+            self.metrics_listener = ListenerService(
+                _endpoint(reactor, host, port), QuietSite(resource), "metrics (/metrics, /healthz)"
+            )
+            self.metrics_listener.setServiceParent(self)
         self.stun = None
         if settings.stun:
             self.stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, reactor)
@@ -223,7 +253,7 @@ class DerpboxService(MultiService):
 
     def listening(self) -> defer.Deferred:
         """Fires with the service once every TCP listener is up."""
-        waits = [s.ready for s in (self.main, self.port80) if s is not None]
+        waits = [s.ready for s in (self.main, self.port80, self.metrics_listener) if s is not None]
         return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: self)
 
     @property
@@ -233,6 +263,11 @@ class DerpboxService(MultiService):
     @property
     def http_port(self) -> int | None:
         return self.port80.port.getHost().port if self.port80 and self.port80.port else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        listener = self.metrics_listener
+        return listener.port.getHost().port if listener and listener.port else None
 
     @property
     def stun_port(self) -> int | None:

@@ -460,3 +460,43 @@ async def test_port80_missing_host(port80):
     resp = await fetch(port80, request("GET", "/", host=None, version="HTTP/1.0"))
     assert resp.status == 400
     assert resp.body == b"missing Host header\n"
+
+
+# Debug subtree mounted (derpbox.web.debug), main site and port 80
+
+
+@pytest.fixture
+def debug_sites(serve):
+    from types import SimpleNamespace
+
+    from derpbox.metrics import Metrics
+    from derpbox.relay.metrics import RelayStats
+    from derpbox.web.debug import DebugResource
+
+    relay = SimpleNamespace(stats=RelayStats(), peers=lambda: iter(()), check_consistency=lambda: [])
+    debug = DebugResource(Metrics(relay), hostname="derp.example.com", environ={})
+    site = build_main_site(derp_enabled=True, home="", hostname="derp.example.com", debug=debug)
+    return serve(site), serve(build_port80_site(main_resource=site.resource, environ={}))
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest_twisted.ensureDeferred
+async def test_debug_mounted_with_acl(debug_sites, which):
+    port = debug_sites[which]
+    ok = await fetch(port, request("GET", "/debug/check"))
+    assert (ok.status, ok.body) == (200, b"derp.Server ConsistencyCheck okay")
+    denied = await fetch(port, request("GET", "/debug/check", {"X-Forwarded-For": "192.0.2.1"}))
+    assert (denied.status, denied.body) == (403, b"debug access denied\n")
+    missing = await fetch(port, request("GET", "/debug/missing"))
+    assert missing.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_debug_mount_keeps_other_paths(debug_sites):
+    main, p80 = debug_sites
+    home = await fetch(main, request("GET", "/debugx"))
+    assert home.status == 200 and b"DERP server" in home.body
+    redirect = await fetch(p80, request("GET", "/"))
+    assert redirect.get("location") == "https://derp.example.com/debug/"
+    redirect = await fetch(p80, request("GET", "/x"))
+    assert redirect.get("location") == "https://derp.example.com/x"

@@ -11,10 +11,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.server import Site
+from zope.interface import implementer
 
+from ..metrics import TLSStats, tls_version_label
 from ..protocol.upgrade import (
     MAX_HEAD,
     HTTPHeadError,
@@ -73,9 +76,12 @@ def tcp_transport(transport):
     return None
 
 
+@implementer(IHandshakeListener)
 class FrontConnection(Protocol):
     # Set as instance attributes in DERP mode so the peer's writes skip a layer.
     write = abort = close = pause_reading = resume_reading = None
+    # The negotiated TLS version label ("1.3"), once the handshake completed.
+    tls_version: str | None = None
 
     def __init__(self, factory: FrontFactory):
         self.factory = factory
@@ -86,8 +92,25 @@ class FrontConnection(Protocol):
         self._timer = None
 
     def connectionMade(self) -> None:
+        tls_stats = self.factory.tls_stats
+        if tls_stats is not None:
+            tls_stats.accepted_connections += 1
         self.factory.tune(self.transport)
         self._timer = self.factory.clock.callLater(HEAD_TIMEOUT, self._head_timeout)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLSMemoryBIOProtocol calls this once per TLS connection."""
+        tls_stats = self.factory.tls_stats
+        if tls_stats is None:
+            return
+        # The app's transport is the TLS protocol itself (BufferingTLSTransport);
+        # getHandle() is its pyOpenSSL Connection.
+        try:
+            name = self.transport.getHandle().get_protocol_version_name()
+        except Exception:  # noqa: BLE001 - a metric must never break a connection
+            name = "unknown"
+        self.tls_version = tls_version_label(name)
+        tls_stats.handshake(self.tls_version)
 
     def _head_timeout(self) -> None:
         self._timer = None
@@ -106,6 +129,9 @@ class FrontConnection(Protocol):
             self._head_received(data)
 
     def connectionLost(self, reason) -> None:
+        if self.tls_version is not None:
+            self.factory.tls_stats.closed(self.tls_version)
+            self.tls_version = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -249,8 +275,11 @@ class FrontFactory(Factory):
         derp_enabled: bool = True,
         tcp_keepalive: float = 600.0,
         tcp_user_timeout: float = 15.0,
+        tls_stats: TLSStats | None = None,
     ):
         self.relay = relay
+        # Set when this factory sits behind TLS: counts accepts and TLS versions.
+        self.tls_stats = tls_stats
         self.site = site
         self.clock = clock
         self.derp_enabled = derp_enabled

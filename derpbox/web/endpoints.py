@@ -197,23 +197,30 @@ def _home_page(derp_enabled: bool, hostname: str) -> bytes:
 class _MainMux(_Leaf):
     """Exact-path routes with a fallback, like derper's mux."""
 
-    def __init__(self, routes: dict[bytes, Resource], fallback: Resource) -> None:
+    def __init__(self, routes: dict[bytes, Resource], fallback: Resource, debug: Resource | None = None) -> None:
         super().__init__()
         self._routes = routes
         self._fallback = fallback
+        self._debug = debug
 
     def render(self, request: server.Request) -> bytes:
         # A CONNECT target ("host:port") is no path; derper refuses it without -ace.
         if request.method == b"CONNECT":
             return http_error(request, http.FORBIDDEN, "CONNECT not enabled")
+        path = request.path
+        if self._debug is not None and (path == b"/debug" or path.startswith(b"/debug/")):
+            # The debug subtree, behind its own access check (derpbox.web.debug).
+            return self._debug.render(request)
         return self._routes.get(request.path, self._fallback).render(request)
 
 
-def build_main_site(*, derp_enabled: bool, home: str, hostname: str) -> QuietSite:
+def build_main_site(*, derp_enabled: bool, home: str, hostname: str, debug: Resource | None = None) -> QuietSite:
     """Build the Site for the main listener.
 
     `home` is "" (default page), "blank" (empty page) or an http(s) URL to
     redirect `/` to; anything else raises ValueError, as derper refuses it.
+    `debug` (a derpbox.web.debug.DebugResource) serves `/debug` and everything
+    under `/debug/`; without it those paths fall through to the home page.
     """
     if home not in ("", "blank") and not home.startswith(("http://", "https://")):
         raise ValueError(f"invalid home value {home!r}: want '', 'blank' or an http(s) URL")
@@ -227,4 +234,4 @@ def build_main_site(*, derp_enabled: bool, home: str, hostname: str) -> QuietSit
         b"/bootstrap-dns": _BootstrapDNSResource(),
     }
     home_resource = _HomeResource(home=home, derp_enabled=derp_enabled, hostname=hostname)
-    return QuietSite(_MainMux(routes, home_resource))
+    return QuietSite(_MainMux(routes, home_resource, debug))

@@ -6,11 +6,13 @@ everything else to HTTPS, so DERP is never served in clear text.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from derpbox.web.debug import debug_allowed
 from derpbox.web.endpoints import Generate204Resource, QuietSite, http_error, reply
 
 __all__ = ["ChallengeResponder", "build_port80_site"]
@@ -26,11 +28,17 @@ class _Port80Resource(Resource):
     isLeaf = True
 
     def __init__(
-        self, generate_204: Resource, challenge_responder: ChallengeResponder | None
+        self,
+        generate_204: Resource,
+        challenge_responder: ChallengeResponder | None,
+        main_resource: Resource | None = None,
+        environ=None,
     ) -> None:
         super().__init__()
         self._generate_204 = generate_204
         self._challenge_responder = challenge_responder
+        self._main = main_resource
+        self._environ = environ
 
     def render(self, request: server.Request) -> bytes:
         if request.path == b"/generate_204":
@@ -38,13 +46,23 @@ class _Port80Resource(Resource):
         if request.path.startswith(_ACME_PREFIX):
             return self._acme_challenge(request)
         if request.uri.startswith(b"/debug"):
-            # Debug pages, with their access checks, are not served yet.
-            return http_error(request, http.NOT_FOUND, _NOT_FOUND)
+            if self._main is None:
+                return http_error(request, http.NOT_FOUND, _NOT_FOUND)
+            # As derper: the main mux serves it, so the same debug access check applies.
+            return self._main.render(request)
         if request.method not in (b"GET", b"HEAD"):
             return http_error(request, http.BAD_REQUEST, "Use HTTPS")
         hosts = request.requestHeaders.getRawHeaders(b"Host")
         if not hosts or not hosts[0]:
             return http_error(request, http.BAD_REQUEST, "missing Host header")
+        if (
+            self._main is not None
+            and request.method == b"GET"
+            and request.path == b"/"
+            and debug_allowed(request, os.environ if self._environ is None else self._environ)
+        ):
+            request.redirect(b"https://" + hosts[0] + b"/debug/")
+            return reply(request, b"")
         # Like derper: Host verbatim (port included) plus the raw request URI.
         request.redirect(b"https://" + hosts[0] + request.uri)
         return reply(request, b"")
@@ -62,6 +80,8 @@ def build_port80_site(
     *,
     generate_204_resource: Resource | None = None,
     challenge_responder: ChallengeResponder | None = None,
+    main_resource: Resource | None = None,
+    environ=None,
 ) -> QuietSite:
     """Build the Site for the plain-HTTP port-80 listener.
 
@@ -74,4 +94,4 @@ def build_port80_site(
     """
     if generate_204_resource is None:
         generate_204_resource = Generate204Resource()
-    return QuietSite(_Port80Resource(generate_204_resource, challenge_responder))
+    return QuietSite(_Port80Resource(generate_204_resource, challenge_responder, main_resource, environ))

@@ -1,0 +1,275 @@
+"""Prometheus text exposition (format 0.0.4) and expvar-style JSON of derpbox's stats.
+
+Family names, types and labels follow derper's `/debug/varz` (spec section 6), so
+dashboards built for derper keep working: derper's counters carry no `_total`
+suffix, and neither do ours. derpbox-only families are prefixed `derpbox_`.
+
+`promtool check metrics` (2.42 has no option to turn linting off) therefore exits
+with rc 3, reporting only `counter metrics should have "_total" suffix` for
+derper-named counters, `non-counter metrics should not have "_total" suffix` for
+derper's gauge `derp_clients_total` and `metric names should not contain
+abbreviated units` for derper's `uptime_sec`; the exposition itself parses cleanly
+(rc 1 would mean a parse error). tests/test_metrics.py asserts exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+from . import __version__
+from .relay.metrics import DROP_REASONS, PACKET_KINDS
+
+__all__ = ["CONTENT_TYPE", "Family", "Metrics", "TLSStats", "render", "open_fds"]
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class TLSStats:
+    """TLS listener counters: derper's tls_listener_* and derper_tls_*_version."""
+
+    __slots__ = ("accepted_connections", "rejected_connections", "request_version", "active_version")
+
+    def __init__(self) -> None:
+        self.accepted_connections = 0
+        self.rejected_connections = 0
+        self.request_version: dict[str, int] = {}
+        self.active_version: dict[str, int] = {}
+
+    def handshake(self, version: str) -> None:
+        self.request_version[version] = self.request_version.get(version, 0) + 1
+        self.active_version[version] = self.active_version.get(version, 0) + 1
+
+    def closed(self, version: str) -> None:
+        self.active_version[version] = self.active_version.get(version, 0) - 1
+
+
+def tls_version_label(openssl_name: str) -> str:
+    """"TLSv1.3" -> "1.3", as derper labels versions."""
+    if openssl_name.startswith("TLSv"):
+        return openssl_name[4:]
+    return openssl_name
+
+
+@dataclass
+class Family:
+    name: str
+    type: str  # "counter", "gauge" or "untyped"
+    help: str
+    samples: list[tuple[tuple[tuple[str, str], ...], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> "Family":
+        self.samples.append((tuple(labels.items()), value))
+        return self
+
+
+def open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _format_value(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def _escape_label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def render(families: list[Family]) -> bytes:
+    """Prometheus text format 0.0.4, HELP and TYPE for every family."""
+    out: list[str] = []
+    for fam in families:
+        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
+        out.append(f"# TYPE {fam.name} {fam.type}")
+        for labels, value in fam.samples:
+            if labels:
+                text = ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels)
+                out.append(f"{fam.name}{{{text}}} {_format_value(value)}")
+            else:
+                out.append(f"{fam.name} {_format_value(value)}")
+    return ("\n".join(out) + "\n").encode()
+
+
+# (stat attribute, help) for derper's unlabelled relay families.
+_RELAY_GAUGES = (
+    ("current_connections", "Current connections, including duplicates."),
+    ("current_home_connections", "Current connections from clients that say this is their home (preferred) DERP."),
+    ("current_notideal_connections", "Current connections that sent the Ideal-Node header (not their ideal node)."),
+    ("current_dup_client_keys", "Keys currently connected more than once."),
+    ("current_dup_client_conns", "Connections of keys currently connected more than once."),
+    ("watchers", "Mesh watchers (WatchConns subscribers)."),
+)
+_RELAY_COUNTERS = (
+    ("total_dup_client_conns", "Duplicate connections ever seen for a key."),
+    ("accepts", "Accepted DERP connections, before verification."),
+    ("bytes_received", "Payload bytes received from clients (keys and framing excluded)."),
+    ("bytes_sent", "Payload bytes sent to clients (keys and framing excluded)."),
+    ("packets_received", "Packets received from clients (forwarded-in packets excluded)."),
+    ("packets_sent", "Packets sent to clients."),
+    ("unknown_frames", "Unknown frames received (never incremented, as derper)."),
+    ("home_moves_in", "Clients that made this their home DERP."),
+    ("home_moves_out", "Clients that stopped making this their home DERP."),
+    ("got_ping", "Ping frames received."),
+    ("sent_pong", "Pong frames sent."),
+    ("peer_gone_disconnected_frames", "PeerGone(Disconnected) frames sent."),
+    ("peer_gone_not_here_frames", "PeerGone(NotHere) frames sent."),
+    ("packets_forwarded_out", "Packets forwarded to mesh peers."),
+    ("packets_forwarded_in", "Packets forwarded in from mesh peers."),
+    ("sclient_write_timeouts", "Client writes that timed out."),
+)
+_DERPBOX_COUNTERS = (
+    ("fast_start_upgrades", "DERP connections that used the fast-start upgrade (no 101 response)."),
+    ("handshake_failures", "DERP connections that failed the handshake (ClientInfo)."),
+    ("protocol_errors", "DERP connections closed for a protocol error after the handshake."),
+    ("admission_rejections", "DERP clients rejected by client verification."),
+)
+_ADMISSION_COUNTERS = (
+    ("admitted", "Clients admitted by client verification."),
+    ("rejected", "Clients rejected by client verification."),
+    ("cache_hits", "Admission decisions served from the decision cache."),
+    ("cache_misses", "Admission decisions not found in the decision cache."),
+    ("allowlist_reloads", "Successful reloads of the allowlist file."),
+    ("allowlist_reload_errors", "Failed reloads of the allowlist file (previous list kept)."),
+    ("internal_errors", "Internal errors while checking a client."),
+)
+
+
+class Metrics:
+    """All of derpbox's metrics, read from the live stats objects on demand."""
+
+    def __init__(
+        self,
+        relay,
+        stun_stats=None,
+        admission_stats=None,
+        tls_stats: TLSStats | None = None,
+        *,
+        start_time: float | None = None,
+        clock=time.time,
+    ) -> None:
+        self.relay = relay
+        self.stun_stats = stun_stats
+        self.admission_stats = admission_stats
+        self.tls_stats = tls_stats
+        self.clock = clock
+        self.start_time = clock() if start_time is None else start_time
+
+    def uptime(self) -> float:
+        return max(0.0, self.clock() - self.start_time)
+
+    def families(self) -> list[Family]:
+        fams: list[Family] = []
+        relay = self.relay
+        s = relay.stats
+        fds = open_fds()
+
+        for attr, text in _RELAY_GAUGES:
+            fams.append(Family(f"derp_{attr}", "gauge", text).add(getattr(s, attr)))
+        keys = {p.key for p in relay.peers()}
+        fams.append(Family("derp_clients_total", "gauge", "Distinct client keys connected, region-wide.").add(len(keys)))
+        fams.append(Family("derp_clients_local", "gauge", "Distinct client keys connected to this node.").add(len(keys)))
+        fams.append(Family("derp_clients_remote", "gauge", "Distinct client keys connected via mesh peers.").add(0))
+        fams.append(Family("derp_current_file_descriptors", "gauge", "Open file descriptors of the process.").add(fds))
+        for attr, text in _RELAY_COUNTERS:
+            fams.append(Family(f"derp_{attr}", "counter", text).add(getattr(s, attr)))
+        kind = Family("derp_packets_received_kind", "counter", "Packets received from clients, by kind.")
+        kind.add(s.packets_received_disco, kind="disco").add(s.packets_received_other, kind="other")
+        fams.append(kind)
+        dropped = Family("derp_packets_dropped", "counter", "Packets dropped, by reason and kind.")
+        dropped_bytes = Family("derp_bytes_dropped", "counter", "Payload bytes dropped, by reason and kind.")
+        for reason in DROP_REASONS:
+            for k in PACKET_KINDS:
+                dropped.add(s.dropped_packets.get((reason, k), 0), reason=reason, kind=k)
+                dropped_bytes.add(s.dropped_bytes.get((reason, k), 0), reason=reason, kind=k)
+        fams += [dropped, dropped_bytes]
+        fams.append(Family("derp_websocket_accepts", "counter", "DERP connections accepted over WebSocket.").add(s.websocket_accepts))
+
+        if self.stun_stats is not None:
+            req = Family("stun_requests", "counter", "STUN requests, by disposition.")
+            for disposition, v in self.stun_stats.requests.items():
+                req.add(v, disposition=disposition)
+            fam = Family("stun_addrfamily", "counter", "STUN requests, by address family.")
+            for family, v in self.stun_stats.addrfamily.items():
+                fam.add(v, family=family)
+            fams += [req, fam]
+
+        if self.tls_stats is not None:
+            t = self.tls_stats
+            fams.append(Family("tls_listener_accepted_connections", "counter", "Connections accepted by the TLS listener.").add(t.accepted_connections))
+            fams.append(Family("tls_listener_rejected_connections", "counter", "Connections rejected by the TLS listener's accept limit.").add(t.rejected_connections))
+            rv = Family("derper_tls_request_version", "counter", "Completed TLS handshakes, by negotiated version.")
+            for v, n in sorted(t.request_version.items()):
+                rv.add(n, version=v)
+            av = Family("derper_tls_active_version", "gauge", "Open TLS connections, by negotiated version.")
+            for v, n in sorted(t.active_version.items()):
+                av.add(n, version=v)
+            fams += [rv, av]
+
+        for attr, text in _DERPBOX_COUNTERS:
+            fams.append(Family(f"derpbox_{attr}", "counter", text).add(getattr(s, attr)))
+        a = self.admission_stats
+        if a is not None:
+            dec = Family("derpbox_admission_decisions", "counter", "Client verification decisions, by check and outcome.")
+            for (check, outcome), v in sorted(a.decisions.items()):
+                dec.add(v, check=check, outcome=outcome)
+            fams.append(dec)
+            for attr, text in _ADMISSION_COUNTERS:
+                fams.append(Family(f"derpbox_admission_{attr}", "counter", text).add(getattr(a, attr)))
+            fams.append(Family("derpbox_admission_allowlist_entries", "gauge", "Keys in the loaded allowlist file.").add(a.allowlist_entries))
+
+        fams.append(Family("process_start_unix_time", "gauge", "Process start time, seconds since the Unix epoch.").add(int(self.start_time)))
+        fams.append(Family("uptime_sec", "counter", "Seconds since the process started.").add(int(self.uptime())))
+        fams.append(Family("version", "gauge", "Version of the running binary.").add(1, version=__version__, binary="derpbox"))
+        fams.append(Family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.").add(_resident_bytes()))
+        fams.append(Family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.").add(round(_cpu_seconds(), 3)))
+        fams.append(Family("process_open_fds", "gauge", "Number of open file descriptors.").add(fds))
+        return fams
+
+    def exposition(self) -> bytes:
+        return render(self.families())
+
+    def vars(self) -> dict:
+        """The same values as JSON: unlabelled families as numbers, labelled ones as
+        {"label=value,...": number} maps (expvar-like; not derper's exact nesting)."""
+        out: dict = {}
+        for fam in self.families():
+            if len(fam.samples) == 1 and not fam.samples[0][0]:
+                out[fam.name] = fam.samples[0][1]
+            else:
+                out[fam.name] = {",".join(f"{k}={v}" for k, v in labels): value for labels, value in fam.samples}
+        out["derp_version"] = __version__
+        return out

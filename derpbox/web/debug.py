@@ -1,0 +1,224 @@
+"""`/debug/` pages and derper's debug access rule (spec 2.4).
+
+Access is allowed for a GET whose `?debugkey=` equals the trimmed content of the
+file named by TS_DEBUG_KEY_PATH, or, when the request has no X-Forwarded-For
+header, for a remote address that is loopback, a Tailscale address, exactly
+TS_ALLOW_DEBUG_IP, or inside a TS_DEBUG_TRUSTED_CIDRS network. The environment
+is read per request, so a changed key file applies at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import socket
+from html import escape
+
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from ..metrics import CONTENT_TYPE, Metrics
+from .connection import remote_address
+from .endpoints import BROWSER_HEADERS, http_error, reply
+
+__all__ = ["DEBUG_CSP", "DebugResource", "debug_allowed", "ip_debug_allowed", "request_remote_ip"]
+
+DEBUG_CSP = BROWSER_HEADERS[b"Content-Security-Policy"] + b"; style-src 'self' 'unsafe-inline'"
+
+_TAILSCALE_V4 = ipaddress.ip_network("100.64.0.0/10")
+_CHROMEOS_V4 = ipaddress.ip_network("100.115.92.0/23")
+_TAILSCALE_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+
+
+def request_remote_ip(request: server.Request) -> str:
+    """The client IP of a twisted.web request, from the one place that decides it."""
+    return remote_address(request.channel.transport)[0]
+
+
+def _parse_ip(text: str):
+    try:
+        return ipaddress.ip_address(text.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def ip_debug_allowed(ip_text: str, environ=os.environ) -> bool:
+    """The address half of the rule (the caller checks X-Forwarded-For)."""
+    ip = _parse_ip(ip_text)
+    if ip is None:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True
+    if ip.version == 4 and ip in _TAILSCALE_V4 and ip not in _CHROMEOS_V4:
+        return True
+    if ip.version == 6 and ip in _TAILSCALE_V6:
+        return True
+    allow = _parse_ip(environ.get("TS_ALLOW_DEBUG_IP", ""))
+    if allow is not None and allow == ip:
+        return True
+    for cidr in environ.get("TS_DEBUG_TRUSTED_CIDRS", "").split(","):
+        cidr = cidr.strip()
+        if not cidr:
+            continue
+        try:
+            if ip in ipaddress.ip_network(cidr, strict=False):
+                return True
+        except (ValueError, TypeError):
+            continue
+    return False
+
+
+def _debug_key(environ) -> bytes | None:
+    path = environ.get("TS_DEBUG_KEY_PATH", "")
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError:
+        return None
+    return key or None
+
+
+def debug_allowed(request: server.Request, environ=os.environ) -> bool:
+    key = _debug_key(environ)
+    if key is not None and request.method == b"GET":
+        offered = request.args.get(b"debugkey", [b""])[0]
+        if offered and hmac.compare_digest(offered, key):
+            return True
+    if request.requestHeaders.hasHeader(b"X-Forwarded-For"):
+        return False
+    return ip_debug_allowed(request_remote_ip(request), environ)
+
+
+def _debug_headers(request: server.Request) -> None:
+    for name, value in BROWSER_HEADERS.items():
+        request.setHeader(name, value)
+    request.setHeader(b"Content-Security-Policy", DEBUG_CSP)
+
+
+class DebugResource(Resource):
+    """Everything under `/debug/` (the main mux hands over any such path)."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        hostname: str = "",
+        mesh_key_configured: bool = False,
+        environ=os.environ,
+    ) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.hostname = hostname
+        self.mesh_key_configured = mesh_key_configured
+        self.environ = environ
+
+    def render(self, request: server.Request) -> bytes:
+        if not debug_allowed(request, self.environ):
+            return http_error(request, http.FORBIDDEN, "debug access denied")
+        path = request.path
+        if path == b"/debug":
+            # Go's ServeMux redirects a subtree root without its slash.
+            request.setResponseCode(http.MOVED_PERMANENTLY)
+            request.setHeader(b"Location", b"/debug/")
+            return reply(request, b"")
+        _debug_headers(request)
+        handler = {
+            b"/debug/": self._index,
+            b"/debug/varz": self._varz,
+            b"/debug/vars": self._vars,
+            b"/debug/check": self._check,
+        }.get(path)
+        if handler is None:
+            return http_error(request, http.NOT_FOUND, "404 page not found")
+        return handler(request)
+
+    def _index(self, request: server.Request) -> bytes:
+        m = self.metrics
+        rows = [
+            ("Uptime", f"{int(m.uptime())}s"),
+            ("Version", m.vars()["derp_version"]),
+            ("Machine", socket.gethostname()),
+            ("TLS hostname", self.hostname),
+            ("Mesh key", str(self.mesh_key_configured).lower()),
+        ]
+        links = [
+            ("vars", "expvar-style JSON"),
+            ("varz", "Prometheus metrics"),
+            ("check", "consistency check"),
+        ]
+        body = ["<html><head><title>derpbox debug</title></head><body>\n<h1>derpbox debug</h1>\n<table>\n"]
+        body += [f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>\n" for k, v in rows]
+        body.append("</table>\n<ul>\n")
+        body += [f'<li><a href="/debug/{name}">/debug/{name}</a> {escape(what)}</li>\n' for name, what in links]
+        body.append("</ul>\n</body></html>\n")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return reply(request, "".join(body).encode())
+
+    def _varz(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE)
+        return reply(request, self.metrics.exposition())
+
+    def _vars(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        return reply(request, json.dumps(self.metrics.vars(), indent=1).encode() + b"\n")
+
+    def _check(self, request: server.Request) -> bytes:
+        problems = self.metrics.relay.check_consistency()
+        if problems:
+            return http_error(request, http.INTERNAL_SERVER_ERROR, "\n".join(problems))
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return reply(request, b"derp.Server ConsistencyCheck okay")
+
+
+def parse_allow_list(entries) -> list:
+    """CIDRs or single IPs (as in -metrics-allow) as ip_network objects."""
+    nets = []
+    for entry in entries:
+        entry = entry.strip()
+        if entry:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+    return nets
+
+
+class MetricsListenerResource(Resource):
+    """The separate metrics listener: `/metrics` and `/healthz`, nothing else.
+
+    Peers outside `allow` (ip_network objects) get 403 on every path.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, allow, healthy=lambda: True) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.allow = list(allow)
+        self.healthy = healthy
+
+    def allowed(self, ip_text: str) -> bool:
+        ip = _parse_ip(ip_text)
+        if ip is None:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.allow)
+
+    def render(self, request: server.Request) -> bytes:
+        if not self.allowed(request_remote_ip(request)):
+            return http_error(request, http.FORBIDDEN, "metrics access denied")
+        if request.path == b"/metrics":
+            request.setHeader(b"Content-Type", CONTENT_TYPE)
+            return reply(request, self.metrics.exposition())
+        if request.path == b"/healthz":
+            if not self.healthy():
+                return http_error(request, http.SERVICE_UNAVAILABLE, "not running")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return reply(request, b"ok\n")
+        return http_error(request, http.NOT_FOUND, "404 page not found")
