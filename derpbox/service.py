@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import ConfigError, Settings, split_listen_addr
+from .derpmap import derpmap_resource
 from .heap import HeapService
 from .config import DEV_MESH_KEY_ENV
 from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
@@ -185,8 +186,11 @@ class DerpboxService(MultiService):
             mesh_key_configured=self.relay.mesh_key is not None,
             environ=environ,
         )
+        extra = {}
+        if settings.derpmap_path:
+            extra[settings.derpmap_path] = derpmap_resource(settings)
         self.site = build_main_site(
-            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=self.debug
+            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=self.debug, extra=extra
         )
         front = FrontFactory(
             self.relay,

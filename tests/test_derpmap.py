@@ -347,3 +347,27 @@ def test_tailcat_fetches_map_from_resource(start_server, tmp_path):
         assert "via DERP(ip-127-0-0-1)" in out, out
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_service_serves_its_map_at_derpmap_path(start_server):
+    """-derpmap-path mounts the wire-form map on the main listener."""
+    import ssl
+    import urllib.request
+
+    # Fixed public ports: the fixture listens on ephemeral ones, which a map cannot name.
+    server = yield start_server("-derpmap-path", "/derpmap.json", "-public-port", "8443", "-public-stun-port", "3479")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def fetch():
+        with urllib.request.urlopen(f"https://127.0.0.1:{server.port}/derpmap.json", context=ctx, timeout=5) as r:
+            return r.headers["Content-Type"], json.loads(r.read())
+
+    ctype, the_map = yield deferToThread(fetch)
+    assert ctype.startswith("application/json")
+    (region,) = the_map["Regions"].values()
+    (node,) = region["Nodes"]
+    assert (node["HostName"], node["DERPPort"], node["STUNPort"]) == ("127.0.0.1", 8443, 3479)
+    assert node["CertName"].startswith("sha256-raw:")

@@ -214,13 +214,21 @@ class _MainMux(_Leaf):
         return self._routes.get(request.path, self._fallback).render(request)
 
 
-def build_main_site(*, derp_enabled: bool, home: str, hostname: str, debug: Resource | None = None) -> QuietSite:
+def build_main_site(
+    *,
+    derp_enabled: bool,
+    home: str,
+    hostname: str,
+    debug: Resource | None = None,
+    extra: dict[str, Resource] | None = None,
+) -> QuietSite:
     """Build the Site for the main listener.
 
     `home` is "" (default page), "blank" (empty page) or an http(s) URL to
     redirect `/` to; anything else raises ValueError, as derper refuses it.
     `debug` (a derpbox.web.debug.DebugResource) serves `/debug` and everything
     under `/debug/`; without it those paths fall through to the home page.
+    `extra` maps further exact paths to resources (e.g. the DERP map JSON).
     """
     if home not in ("", "blank") and not home.startswith(("http://", "https://")):
         raise ValueError(f"invalid home value {home!r}: want '', 'blank' or an http(s) URL")
@@ -233,5 +241,7 @@ def build_main_site(*, derp_enabled: bool, home: str, hostname: str, debug: Reso
         b"/robots.txt": _RobotsResource(),
         b"/bootstrap-dns": _BootstrapDNSResource(),
     }
+    for path, resource in (extra or {}).items():
+        routes[path.encode()] = resource
     home_resource = _HomeResource(home=home, derp_enabled=derp_enabled, hostname=hostname)
     return QuietSite(_MainMux(routes, home_resource, debug))
