@@ -62,3 +62,13 @@ def test_log_level_filters(tmp_path):
     _, err = proc.communicate(timeout=10)
     assert "listening on" not in err  # info lines are filtered out
     assert "serving plain HTTP" in err  # the warning stays
+
+
+@pytest_twisted.inlineCallbacks
+def test_repeated_junk_requests_are_folded(start_server, log_events):
+    server = yield start_server(tls=False)
+    for _ in range(4):
+        reply = yield deferToThread(expect_closed, server.port, b"\x16\x03\x01junk\r\n\r\n", upgrade=False)
+        assert reply.startswith(b"HTTP/1.1 400")
+    lines = [formatEvent(e) for e in log_events if "bad HTTP request" in formatEvent(e)]
+    assert len(lines) == 1

@@ -192,7 +192,10 @@ class FrontConnection(Protocol):
         self._begin(head, rest)
 
     def _refuse(self, e: HTTPHeadError) -> None:
-        log.info("{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason)
+        # Scanners send the same junk over and over: one line per reason and minute.
+        self.factory.relay.noise.info(
+            f"http:{e.reason}", "{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason
+        )
         self.transport.write(error_response(e.status, e.reason, e.headers))
         self.transport.loseConnection()
         self._buf = b""
