@@ -8,6 +8,7 @@ chain carries the meta-certificate, or over WebSocket.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import socket
 import time
@@ -108,7 +109,12 @@ class _TLSSocket:
             return self.conn.recv(n)
         except SSL.ZeroReturnError:
             return b""
+        except SSL.WantReadError:
+            raise TimeoutError("no data before the timeout") from None
         except SSL.SysCallError as e:
+            # SO_RCVTIMEO expiring shows up as EAGAIN from the read call.
+            if e.args and e.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise TimeoutError("no data before the timeout") from None
             if e.args and e.args[0] in (-1, 0):
                 return b""
             raise ConnectionError(str(e)) from None
@@ -325,10 +331,10 @@ class DERPClient:
         try:
             while time.monotonic() < deadline:
                 self.recv(max(0.01, deadline - time.monotonic()))
+        except TimeoutError:  # an OSError too, so it must come first
+            return False
         except (ConnectionError, OSError, SSL.Error):
             return True
-        except TimeoutError:
-            return False
         return False
 
     def close(self) -> None:

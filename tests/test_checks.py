@@ -344,3 +344,30 @@ def test_cert_name_rules_unit(tmp_path):
                                                    "derp.test", None)
     assert status == checks.FAIL and "lowercase" in diag[0]
     assert checks.name_matches(chain[0], "DERP.test.") and not checks.name_matches(chain[0], "x.derp.test")
+
+
+@pytest_twisted.inlineCallbacks
+def test_check_diagnoses_an_idle_timeout_shorter_than_the_keepalive(start_server, tmp_path):
+    """A TCP proxy that cuts connections idle for 1 s sits in front; a 3 s idle test catches it."""
+    from twisted.internet import reactor
+    from twisted.protocols.policies import TimeoutFactory
+    from twisted.protocols.portforward import ProxyFactory
+
+    server = yield start_server()
+    proxy = reactor.listenTCP(0, TimeoutFactory(ProxyFactory("127.0.0.1", server.port), timeoutPeriod=1),
+                              interface="127.0.0.1")
+    try:
+        pin = leaf_sha256(tmp_path / "certs" / "127.0.0.1.crt")
+        path = write_map(tmp_path / "map.json", HostName="127.0.0.1", IPv4="127.0.0.1", CertName=f"sha256-raw:{pin}",
+                         DERPPort=proxy.getHost().port, STUNPort=-1)
+        code, text = yield deferToThread(run, checks.check_main, [path, "--idle-test", "3"])
+        assert code == 1, text
+        assert line(text, "idle").startswith("FAIL"), text
+        assert "DIAGNOSIS" in text and "keepalive" in text.lower(), text
+        # Straight to derpbox, the same idle test passes.
+        path = write_map(tmp_path / "direct.json", HostName="127.0.0.1", IPv4="127.0.0.1",
+                         CertName=f"sha256-raw:{pin}", DERPPort=server.port, STUNPort=-1)
+        code, text = yield deferToThread(run, checks.check_main, [path, "--idle-test", "3"])
+        assert code == 0 and line(text, "idle").startswith("ok"), text
+    finally:
+        yield proxy.stopListening()

@@ -574,3 +574,22 @@ def test_closed_connections_are_freed_without_cyclic_gc(start_server, websocket)
         assert len(built) == 2
     finally:
         gc.enable()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_recv_timeout_over_tls_is_a_timeout_not_a_close(start_server):
+    server = yield start_server()
+
+    def go():
+        c = DERPClient.connect(server.url)
+        try:
+            with pytest.raises(TimeoutError):
+                c.recv(0.3)
+            closed = c.is_closed_by_server(0.5)
+            c.ping()
+            return closed, c.recv_until(FrameType.PONG).payload
+        finally:
+            c.close()
+
+    closed, pong = yield deferToThread(go)
+    assert not closed and pong == b"pingpong"

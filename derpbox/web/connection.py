@@ -188,7 +188,7 @@ class FrontConnection(Protocol):
         transport = self.transport
         self.write = transport.write
         self.abort = transport.abortConnection
-        self.close = transport.loseConnection
+        self.close = self._close_stream
         self._begin(head, rest)
 
     def _refuse(self, e: HTTPHeadError) -> None:
@@ -241,9 +241,15 @@ class FrontConnection(Protocol):
         for i in range(0, len(data), WS_CHUNK):
             write(encode_binary(data[i : i + WS_CHUNK]))
 
+    def _close_stream(self) -> None:
+        # While a producer is registered, Twisted's TLS transport postpones the
+        # close_notify (and so the close) until it unregisters.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def _ws_close(self) -> None:
         self.transport.write(encode_close(1000, ""))
-        self.transport.loseConnection()
+        self._close_stream()
 
     def _ws_received(self, data: bytes) -> None:
         try:
