@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v pebble >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     # Installing must not start the packaged services (Prometheus would take :9090).
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -12,7 +12,7 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         chmod +x /usr/sbin/policy-rc.d
     fi
     apt-get update -q
-    apt-get install -y -q --no-install-recommends prometheus
+    apt-get install -y -q --no-install-recommends prometheus pebble
 fi
 python3 -m pip install --quiet -e '.[test]'
 exec python3 -m pytest "$@"
