@@ -66,6 +66,9 @@ class Settings:
     acme_eab_kid: str
     acme_eab_key: str = field(repr=False)
     acme_email: str
+    acme_directory: str  # "" = the certmode's default CA
+    acme_ca_file: str
+    acme_challenge: str  # auto | http-01 | tls-alpn-01
     acme_ip_certs: bool
     home: str
     mesh_psk_file: str
@@ -372,6 +375,10 @@ def _region_id(text: str) -> int:
     return value
 
 
+def _optional_url(text: str) -> str:
+    return _url_list(text)[0] if text.strip() else ""
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -509,6 +516,15 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            _env("DERP_ACME_EAB_KEY", "DERP_ACME_EABKEY"), secret=True),
     Option("acme_email", "acme-email", TEXT, "", "ACME contact email (required for gcp)",
            _env("DERP_ACME_EMAIL", "ACME_SH_EMAIL")),
+    Option("acme_directory", "acme-directory", Kind("string", _optional_url, "an https:// (or http://) URL"), "",
+           "ACME directory URL; default Let's Encrypt production (letsencrypt) or Google Trust Services (gcp)",
+           _env("DERP_ACME_DIRECTORY")),
+    Option("acme_ca_file", "acme-ca-file", TEXT, "",
+           "PEM file of CA certificates to trust for the ACME server's own HTTPS (private ACME servers)",
+           _env("DERP_ACME_CA_FILE")),
+    Option("acme_challenge", "acme-challenge", _choices("auto", "http-01", "tls-alpn-01"), "auto",
+           "ACME challenge: auto uses http-01 when the port-80 listener runs, else tls-alpn-01",
+           _env("DERP_ACME_CHALLENGE")),
     Option("acme_ip_certs", "acme-ip-certs", BOOL, False,
            "get short-lived Let's Encrypt certificates for IP addresses (letsencrypt mode)",
            _env("DERP_ACME_IP_CERTS")),

@@ -301,6 +301,9 @@ ALIASES = [
     ("DERP_PUBLIC_STUN_PORT", "3479", "public_stun_port", 3479),
     ("DERP_PUBLIC_HTTP_PORT", "8080", "public_http_port", 8080),
     ("DERP_DERPMAP_PATH", "/derpmap.json", "derpmap_path", "/derpmap.json"),
+    ("DERP_ACME_DIRECTORY", "https://127.0.0.1:14000/dir", "acme_directory", "https://127.0.0.1:14000/dir"),
+    ("DERP_ACME_CA_FILE", "/etc/pebble-ca.pem", "acme_ca_file", "/etc/pebble-ca.pem"),
+    ("DERP_ACME_CHALLENGE", "tls-alpn-01", "acme_challenge", "tls-alpn-01"),
     ("DERP_TLS_GROUPS", "X25519:P-256", "tls_groups", "X25519:P-256"),
     ("DERP_LOG_LEVEL", "debug", "log_level", "debug"),
     ("DERP_LOG_FORMAT", "json", "log_format", "json"),
@@ -425,6 +428,8 @@ INVALID = [
     ("metrics-addr", "nope", ":PORT, HOST:PORT"),
     ("metrics-allow", "10.0.0.0/33", "list of IPs or CIDRs"),
     ("region-id", "0", "900-999"),
+    ("acme-directory", "ftp://x/dir", "URL"),
+    ("acme-challenge", "dns-01", "auto, http-01, tls-alpn-01"),
     ("public-ipv4", "2001:db8::1", "an IPv4 address"),
     ("public-ipv6", "192.0.2.1", "an IPv6 address"),
     ("verify-client-url-fail-open", "nope", "TRUE, true, True"),
@@ -695,6 +700,7 @@ def test_table_covers_every_derper_flag_and_every_setting():
     assert set(flags) == DERPER_FLAGS | {"config-file", "tls", "log-level", "log-format", "tls-groups", "verify-allowlist-file", "verify-cache-ttl",
                                     "metrics-addr", "metrics-allow", "region-id", "region-code", "region-name",
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
-                                    "public-http-port", "derpmap-path"}
+                                    "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
+                                    "acme-challenge"}
     derived = {"listen_host", "listen_port", "warnings"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}
