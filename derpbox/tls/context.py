@@ -9,6 +9,7 @@ existing connections keep the context they were created with.
 
 from __future__ import annotations
 
+from typing import Callable
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
@@ -23,6 +24,9 @@ from .metacert import make_meta_certificate
 log = Logger()
 
 _HTTP11 = b"http/1.1"
+_ACME_TLS_1 = b"acme-tls/1"
+TLSALPNResponder = Callable[[str], "CertifiedKey | None"]
+"""ACME tls-alpn-01 hook: SNI -> the RFC 8737 validation certificate, or None."""
 # Forward-secret AEAD suites only for TLS 1.2; TLS 1.3 keeps OpenSSL's defaults.
 _TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -44,6 +48,7 @@ class ServerTLS:
         strict_sni: bool = True,
         log_throttle: LogThrottle | None = None,
         groups: str = "",
+        tls_alpn_responder: TLSALPNResponder | None = None,
     ) -> None:
         self.hostname = hostname
         self.groups = groups
@@ -54,6 +59,15 @@ class ServerTLS:
         # on it) fails in OpenSSL with a handshake_failure alert.
         self._refusing_context = SSL.Context(SSL.TLS_SERVER_METHOD)
         self._context: SSL.Context | None = None
+        self._tls_alpn = tls_alpn_responder or getattr(source, "tls_alpn_certificate", None)
+        # Before the first certificate: no certificate either, but ACME
+        # tls-alpn-01 handshakes can still be switched to their own context.
+        self._pending_context = self._refusing_context
+        if self._tls_alpn is not None:
+            self._pending_context = SSL.Context(SSL.TLS_SERVER_METHOD)
+            self._pending_context.set_alpn_select_callback(self._select_alpn)
+            if self._expected_sni is not None:
+                self._pending_context.set_tlsext_servername_callback(self._check_sni)
         source.add_listener(self.use)
         current = source.current()
         if current is not None:
@@ -71,7 +85,7 @@ class ServerTLS:
                 "TLS handshake refused: no certificate available yet for {hostname}",
                 hostname=self.hostname,
             )
-            return self._refusing_context
+            return self._pending_context
         return self._context
 
     def _build_context(self, certified_key: CertifiedKey) -> SSL.Context:
@@ -90,7 +104,7 @@ class ServerTLS:
             ctx.add_extra_chain_cert(intermediate)
         # Last in the chain, sent on every handshake (spec 8.3).
         ctx.add_extra_chain_cert(self.meta_certificate)
-        ctx.set_alpn_select_callback(_select_alpn)
+        ctx.set_alpn_select_callback(_select_alpn if self._tls_alpn is None else self._select_alpn)
         if self._expected_sni is not None:
             ctx.set_tlsext_servername_callback(self._check_sni)
         return ctx
@@ -114,6 +128,34 @@ class ServerTLS:
             sni=sni,
             hostname=self.hostname,
         )
+
+    def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        # OpenSSL picks the certificate after ALPN, so switching the context
+        # here serves the validation certificate (and nothing else) to the CA.
+        if offered == [_ACME_TLS_1]:
+            raw = conn.get_servername()
+            sni = raw.decode("ascii", "replace") if raw else ""
+            certified_key = self._tls_alpn(sni) if sni else None
+            if certified_key is not None:
+                conn.set_context(_acme_context(certified_key))
+                log.info("ACME tls-alpn-01 handshake for {sni} from {peer}", sni=sni, peer=_peer_host(conn))
+                return _ACME_TLS_1
+            self._throttle.warn(
+                "acme-tls-1",
+                "acme-tls/1 handshake from {peer} for {sni!r} without a pending tls-alpn-01 challenge",
+                peer=_peer_host(conn),
+                sni=sni,
+            )
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+        return _select_alpn(conn, offered)
+
+
+def _acme_context(certified_key: CertifiedKey) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.use_certificate(certified_key.leaf)
+    ctx.use_privatekey(certified_key.key)
+    return ctx
 
 
 def _set_groups(ctx: SSL.Context, groups: str) -> None:

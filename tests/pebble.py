@@ -1,0 +1,221 @@
+"""Pebble (a test ACME CA) and pebble-challtestsrv (its DNS) on loopback, for tests.
+
+Follows the recipe in spec/testing-infra.md section 1: challtestsrv answers A
+127.0.0.1 for every name (so ``derp.test`` resolves) and no AAAA; its own
+challenge responders are off, so the test's listeners own Pebble's
+``http_port`` (HTTP-01) and ``tls_port`` (TLS-ALPN-01). Pebble's HTTPS
+listener uses a throwaway CA (``ca_file``); Pebble's issuing root is
+regenerated on every start, fetch it with :meth:`Pebble.root_pem` after each.
+
+Use the ``pebble`` session fixture (one Pebble for the session), or make a
+:class:`Pebble` yourself and call ``start()``/``stop()`` (e.g. to have it down
+at first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+PEBBLE = "/usr/bin/pebble"
+CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
+
+
+def free_port(udp_too: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (also free for UDP with *udp_too*)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not udp_too:
+            return port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def make_tls_files(outdir: Path) -> Path:
+    """A throwaway CA and a localhost/127.0.0.1 leaf for Pebble's own HTTPS; returns the CA path."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpbox test CA for Pebble")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (outdir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (outdir / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (outdir / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return outdir / "ca.pem"
+
+
+class Pebble:
+    """Pebble plus challtestsrv on free loopback ports (chosen once, kept across restarts)."""
+
+    def __init__(self, workdir: Path, *, validity: int = 3600, env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ca_file = make_tls_files(self.workdir / "tls")
+        self.acme_port = free_port()
+        self.management_port = free_port()
+        self.http_port = free_port()
+        self.tls_port = free_port()
+        self.dns_port = free_port(udp_too=True)
+        self.challtest_management_port = free_port()
+        self.env = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", **(env or {})}
+        self.config_path = self.workdir / "pebble-config.json"
+        self.config_path.write_text(
+            json.dumps(
+                {
+                    "pebble": {
+                        "listenAddress": f"127.0.0.1:{self.acme_port}",
+                        "managementListenAddress": f"127.0.0.1:{self.management_port}",
+                        "certificate": str(self.workdir / "tls" / "cert.pem"),
+                        "privateKey": str(self.workdir / "tls" / "key.pem"),
+                        "httpPort": self.http_port,
+                        "tlsPort": self.tls_port,
+                        "ocspResponderURL": "",
+                        "externalAccountBindingRequired": False,
+                        "certificateValidityPeriod": validity,
+                    }
+                }
+            )
+        )
+        self._pebble: subprocess.Popen | None = None
+        self._challtestsrv: subprocess.Popen | None = None
+
+    @property
+    def directory_url(self) -> str:
+        return f"https://127.0.0.1:{self.acme_port}/dir"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self._challtestsrv is None:
+            self._challtestsrv = subprocess.Popen(
+                [
+                    CHALLTESTSRV,
+                    "-defaultIPv4", "127.0.0.1",
+                    "-defaultIPv6", "",
+                    "-dns01", f"127.0.0.1:{self.dns_port}",
+                    "-http01", "",
+                    "-https01", "",
+                    "-tlsalpn01", "",
+                    "-management", f"127.0.0.1:{self.challtest_management_port}",
+                ],
+                stdout=open(self.workdir / "challtestsrv.log", "ab"),
+                stderr=subprocess.STDOUT,
+            )
+            self._wait(lambda: _tcp_open(self.challtest_management_port), timeout, "pebble-challtestsrv")
+        self._pebble = subprocess.Popen(
+            [PEBBLE, "-config", str(self.config_path), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+            env={**os.environ, **self.env},
+            stdout=open(self.workdir / "pebble.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        self._wait(self._directory_ready, timeout, "pebble")
+
+    def stop(self) -> None:
+        """Stop Pebble (challtestsrv keeps running; see :meth:`close`)."""
+        if self._pebble is not None:
+            self._pebble.terminate()
+            self._pebble.wait(10)
+            self._pebble = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._challtestsrv is not None:
+            self._challtestsrv.terminate()
+            self._challtestsrv.wait(10)
+            self._challtestsrv = None
+
+    def root_pem(self) -> bytes:
+        """Pebble's current issuing root (changes on every start)."""
+        r = requests.get(f"https://127.0.0.1:{self.management_port}/roots/0", verify=str(self.ca_file), timeout=10)
+        r.raise_for_status()
+        return r.content
+
+    def log(self) -> str:
+        path = self.workdir / "pebble.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _directory_ready(self) -> bool:
+        if self._pebble is not None and self._pebble.poll() is not None:
+            raise RuntimeError(f"pebble exited with {self._pebble.returncode}:\n{self.log()}")
+        try:
+            return requests.get(self.directory_url, verify=str(self.ca_file), timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    @staticmethod
+    def _wait(predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{what} did not become ready within {timeout}s")
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pebble(tmp_path_factory):
+    """One running Pebble for the test session (its CA is regenerated per start)."""
+    server = Pebble(tmp_path_factory.mktemp("pebble"))
+    server.start()
+    yield server
+    server.close()

@@ -1,0 +1,327 @@
+"""ACME certificates against a real Pebble on loopback (HTTP-01, TLS-ALPN-01, renewal, retries).
+
+derpbox's own port-80 site and TLS listener run on the ports Pebble's
+validator dials (``pebble.http_port``, ``pebble.tls_port``); challtestsrv
+resolves ``derp.test`` to 127.0.0.1. Clients are blocking (stdlib ssl and
+pyOpenSSL) and run in threads.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import stat
+import struct
+import time
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from derpbox.tls.acme import (
+    ACME_IDENTIFIER_OID,
+    AcmeCertificateSource,
+    _decode_eab_key,
+    default_directory,
+    make_tls_alpn01_certificate,
+)
+from derpbox.tls.context import ServerTLS
+from derpbox.web.port80 import build_port80_site
+
+from .pebble import Pebble, pebble  # noqa: F401  (session fixture)
+
+HOST = "derp.test"
+DERP_KEY = bytes(range(32))
+
+pytestmark = pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")
+
+
+class Echo(Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+@pytest_twisted.inlineCallbacks
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        yield deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    """Makes sources and listeners; stops them all at the end of the test."""
+
+    class Harness:
+        def __init__(self):
+            self.sources = []
+            self.ports = []
+
+        def source(self, pb: Pebble, certdir=None, **kw) -> AcmeCertificateSource:
+            kw.setdefault("http01_available", True)
+            src = AcmeCertificateSource(
+                reactor,
+                hostname=HOST,
+                certdir=certdir or tmp_path / "certs",
+                directory_url=pb.directory_url,
+                ca_file=pb.ca_file,
+                email="test@example.org",
+                **kw,
+            )
+            self.sources.append(src)
+            return src
+
+        def port80(self, src, port):
+            site = build_port80_site(challenge_responder=src.http01_response)
+            self.ports.append(reactor.listenTCP(port, site, interface="127.0.0.1"))
+
+        def tls(self, src, port=0) -> int:
+            factory = TLSMemoryBIOFactory(ServerTLS(src, HOST, DERP_KEY), False, Factory.forProtocol(Echo))
+            p = reactor.listenTCP(port, factory, interface="127.0.0.1")
+            self.ports.append(p)
+            return p.getHost().port
+
+    h = Harness()
+    yield h
+    for src in h.sources:
+        if src.running:
+            _stop(src)
+    for p in h.ports:
+        pytest_twisted.blockon(p.stopListening())
+
+
+def _stop(src):
+    from twisted.internet.defer import maybeDeferred
+
+    pytest_twisted.blockon(maybeDeferred(src.stopService))
+
+
+def verified_leaf(port: int, root_pem: bytes, alpn=None) -> x509.Certificate:
+    """Handshake trusting only Pebble's root, check hostname, echo; the served leaf."""
+    ctx = ssl.create_default_context(cadata=root_pem.decode())
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname=HOST) as t:
+            t.sendall(b"ping")
+            assert t.recv(4) == b"ping"
+            return x509.load_der_x509_certificate(t.getpeercert(binary_form=True))
+
+
+class Kept:
+    """A TLS connection kept open (pyOpenSSL, blocking)."""
+
+    def __init__(self, port: int):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        self.conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), sock)
+        self.conn.set_connect_state()
+        self.conn.set_tlsext_host_name(HOST.encode())
+        self.conn.do_handshake()
+        self.leaf = self.conn.get_peer_certificate(as_cryptography=True)
+        assert self.echo() == b"ping"
+
+    def echo(self, data=b"ping"):
+        self.conn.sendall(data)
+        return self.conn.recv(len(data))
+
+    def close(self):
+        self.conn.close()
+
+
+def acme_tls_handshake(port: int) -> tuple[bytes, x509.Certificate]:
+    """A validator-style handshake: SNI derp.test, ALPN only acme-tls/1."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_alpn_protos([b"acme-tls/1"])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.settimeout(None)
+    conn = SSL.Connection(ctx, sock)
+    conn.set_connect_state()
+    conn.set_tlsext_host_name(HOST.encode())
+    try:
+        conn.do_handshake()
+        return conn.get_alpn_proto_negotiated(), conn.get_peer_certificate(as_cryptography=True)
+    finally:
+        sock.close()
+
+
+# --- units ------------------------------------------------------------------------------
+
+
+def test_default_directories():
+    assert default_directory("letsencrypt") == "https://acme-v02.api.letsencrypt.org/directory"
+    assert default_directory("gcp") == "https://dv.acme-v02.api.pki.goog/directory"
+    with pytest.raises(ValueError):
+        default_directory("manual")
+
+
+def test_eab_key_accepts_base64url_and_std_base64():
+    raw = bytes(range(250, 256)) + b"\xfb\xff"
+    import base64
+
+    assert _decode_eab_key(base64.urlsafe_b64encode(raw).decode()) == _decode_eab_key(base64.b64encode(raw).decode())
+    with pytest.raises(ValueError):
+        _decode_eab_key("not base64 !!")
+
+
+def test_tls_alpn01_certificate_is_rfc8737():
+    import hashlib
+
+    ck = make_tls_alpn01_certificate(HOST, "tok.thumb")
+    ext = ck.leaf.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
+    assert ext.critical
+    assert ext.value.value == b"\x04\x20" + hashlib.sha256(b"tok.thumb").digest()
+    san = ck.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.DNSName(HOST)]
+
+
+def test_ip_hostname_rejected(tmp_path):
+    with pytest.raises(ValueError):
+        AcmeCertificateSource(reactor, hostname="192.0.2.1", certdir=tmp_path, directory_url="https://x/")
+
+
+# --- against Pebble -----------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_http01_issues_certificate_served_with_verified_chain(pebble, harness, tmp_path):
+    src = harness.source(pebble, challenge="http-01")
+    harness.port80(src, pebble.http_port)
+    port = harness.tls(src)
+    src.startService()
+    yield wait_for(lambda: src.current() is not None)
+    assert (src.stats.orders, src.stats.issued, src.stats.accounts_created) == (1, 1, 1)
+    assert not src.stats.failures
+    crt, key = tmp_path / "certs" / "derp.test.crt", tmp_path / "certs" / "derp.test.key"
+    assert len(x509.load_pem_x509_certificates(crt.read_bytes())) >= 2  # full chain
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "certs" / "acme-account.key").stat().st_mode) == 0o600
+    assert src.stats.not_after == pytest.approx(src.current().not_after.timestamp())
+    leaf = yield deferToThread(verified_leaf, port, pebble.root_pem())
+    assert leaf.serial_number == src.current().leaf.serial_number
+    # Challenges are withdrawn after the order.
+    assert not src._http01 and src.tls_alpn_certificate(HOST) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_alpn01_without_port80(pebble, harness, log_lines):
+    src = harness.source(pebble, challenge="auto", http01_available=False)
+    port = harness.tls(src, pebble.tls_port)  # Pebble's validator dials this; nothing on port 80
+    src.startService()
+    yield wait_for(lambda: src.current() is not None)
+    assert src.stats.issued == 1 and not src.stats.failures
+    assert any("answering tls-alpn-01" in line for line in log_lines)
+    assert any("ACME tls-alpn-01 handshake for derp.test" in line for line in log_lines)
+    root = pebble.root_pem()
+    leaf = yield deferToThread(verified_leaf, port, root)
+    assert leaf.serial_number == src.current().leaf.serial_number
+    leaf = yield deferToThread(verified_leaf, port, root, ["http/1.1"])
+    assert leaf.serial_number == src.current().leaf.serial_number
+    # No pending challenge any more: acme-tls/1 gets the normal certificate and no ALPN.
+    proto, leaf = yield deferToThread(acme_tls_handshake, port)
+    assert proto == b"" and leaf.serial_number == src.current().leaf.serial_number
+
+
+@pytest_twisted.inlineCallbacks
+def test_restart_reuses_stored_certificate_and_account(pebble, harness, tmp_path):
+    first = harness.source(pebble)
+    harness.port80(first, pebble.http_port)
+    first.startService()
+    yield wait_for(lambda: first.current() is not None)
+    yield first.stopService()
+    account_key = (tmp_path / "certs" / "acme-account.key").read_bytes()
+    for p in harness.ports:
+        yield p.stopListening()
+    harness.ports.clear()
+
+    second = harness.source(pebble)
+    harness.port80(second, pebble.http_port)
+    second.startService()
+    # Published at once, with no order.
+    assert second.current() is not None
+    assert second.current().leaf.serial_number == first.current().leaf.serial_number
+    yield deferLater(reactor, 0.5, lambda: None)
+    assert second.stats.orders == 0
+    assert second.stats.next_check > time.time() + 1000  # renewal timer at 2/3 of the lifetime
+
+    # An order now uses the stored account: no new registration.
+    yield second.renew_now()
+    assert (second.stats.orders, second.stats.issued, second.stats.renewals) == (1, 1, 1)
+    assert second.stats.accounts_created == 0
+    assert (tmp_path / "certs" / "acme-account.key").read_bytes() == account_key
+    assert second.current().leaf.serial_number != first.current().leaf.serial_number
+
+
+@pytest_twisted.inlineCallbacks
+def test_renewal_timer_swaps_certificate_and_keeps_connections(pebble, harness, tmp_path):
+    first = harness.source(pebble, http01_available=False)
+    port = harness.tls(first, pebble.tls_port)
+    first.startService()
+    yield wait_for(lambda: first.current() is not None)
+    yield first.stopService()
+    for p in harness.ports:
+        yield p.stopListening()
+    harness.ports.clear()
+
+    old = first.current()
+    lifetime = (old.not_after - old.leaf.not_valid_before_utc).total_seconds()
+    # Due for renewal 2 s from now.
+    fraction = (old.not_after.timestamp() - (time.time() + 2)) / lifetime
+    src = harness.source(pebble, http01_available=False, renew_fraction=fraction)
+    port = harness.tls(src, pebble.tls_port)
+    src.startService()
+    assert src.current().leaf.serial_number == old.leaf.serial_number
+    kept = yield deferToThread(Kept, port)
+    try:
+        assert kept.leaf.serial_number == old.leaf.serial_number
+        assert src.stats.orders == 0
+        yield wait_for(lambda: src.stats.renewals == 1)
+        new_serial = src.current().leaf.serial_number
+        assert new_serial != old.leaf.serial_number
+        # The connection made before the swap is still served...
+        assert (yield deferToThread(kept.echo, b"still here")) == b"still here"
+        # ...and new handshakes get the new certificate.
+        leaf = yield deferToThread(verified_leaf, port, pebble.root_pem())
+        assert leaf.serial_number == new_serial
+    finally:
+        kept.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_challenge_is_logged_with_ca_detail_and_retried(pebble, harness, log_lines):
+    # http-01 with nothing listening on Pebble's httpPort: the CA's validation fails.
+    src = harness.source(pebble, challenge="http-01", retry_min=60)
+    src.startService()
+    yield wait_for(lambda: src.stats.failures)
+    assert src.stats.failures == {"challenge": 1}
+    assert src.current() is None
+    assert "urn:ietf:params:acme:error:connection" in src.stats.last_error
+    assert any("could not obtain a certificate for derp.test" in line and "retrying in 60s" in line for line in log_lines)
+    assert src.stats.next_check == pytest.approx(time.time() + 60, abs=5)
+
+
+@pytest_twisted.inlineCallbacks
+def test_acme_server_down_at_start_retries_until_up(tmp_path_factory, harness, log_lines):
+    pb = Pebble(tmp_path_factory.mktemp("pebble-late"))
+    try:
+        src = harness.source(pb, retry_min=0.2, retry_max=0.5)
+        harness.port80(src, pb.http_port)
+        port = harness.tls(src)
+        src.startService()
+        yield wait_for(lambda: src.stats.failures["directory"] >= 3)
+        assert src.current() is None
+        assert any("cannot fetch ACME directory" in line and pb.directory_url in line for line in log_lines)
+        yield deferToThread(pb.start)
+        yield wait_for(lambda: src.current() is not None)
+        assert src.stats.issued == 1
+        leaf = yield deferToThread(verified_leaf, port, pb.root_pem())
+        assert leaf.serial_number == src.current().leaf.serial_number
+    finally:
+        yield deferToThread(pb.close)
