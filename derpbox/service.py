@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 
 from nacl.public import PrivateKey
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .config import ConfigError, Settings, split_listen_addr
@@ -127,8 +129,8 @@ def build_admission(settings: Settings, reactor) -> Admission | None:
         raise ConfigError(str(e)) from None
 
 
-def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
-    """Certificates for the TLS listener; ACME modes come from a later source."""
+def build_cert_source(settings: Settings) -> ManualCertificateSource:
+    """The certificate source for -certmode; ACME modes come from a later source."""
     if settings.certmode != "manual":
         raise ConfigError(
             f"-certmode={settings.certmode} (ACME) is not available in this version of derpbox; "
@@ -136,20 +138,79 @@ def build_tls(settings: Settings, public_key: bytes) -> ServerTLS:
             "for a self-signed certificate"
         )
     try:
-        source = ManualCertificateSource(settings.certdir, settings.hostname)
+        return ManualCertificateSource(settings.certdir, settings.hostname)
     except CertificateError as e:
         raise ConfigError(str(e)) from None
+
+
+def build_tls(settings: Settings, public_key: bytes, source=None) -> ServerTLS:
+    """Certificates for the TLS listener, from *source* or a new one for the settings."""
+    if source is None:
+        source = build_cert_source(settings)
     if settings.hostname_is_ip:
         _announce_ip_node(settings, source.current())
+        # A replaced self-signed certificate changes the sha256-raw pin: say so.
+        source.add_listener(lambda ck: _announce_ip_node(settings, ck, changed=True))
     return ServerTLS(
         source, settings.hostname, public_key, strict_sni=not settings.hostname_is_ip, groups=settings.tls_groups
     )
 
 
-def _announce_ip_node(settings: Settings, cert) -> None:
+class _SighupReload:
+    """One SIGHUP handler for the process, reloading every registered manual source.
+
+    Installed when the first source registers, the previous handler restored
+    when the last one leaves, so several services in one process (the tests)
+    share it. Only the main thread may install signal handlers; elsewhere
+    SIGHUP is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.sources: list = []
+        self._previous = None
+        self._installed = False
+        self._reactor = None
+
+    def register(self, source, reactor) -> None:
+        if source in self.sources:
+            return
+        self.sources.append(source)
+        self._reactor = reactor
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+            except (ValueError, OSError, AttributeError):
+                return
+            self._installed = True
+
+    def unregister(self, source) -> None:
+        if source in self.sources:
+            self.sources.remove(source)
+        if not self.sources and self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+            self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        # In a signal handler: hand the work to the reactor.
+        self._reactor.callFromThread(self._reload_all)
+
+    def _reload_all(self) -> None:
+        log.info("SIGHUP received: reloading TLS certificates")
+        for source in list(self.sources):
+            source.reload()
+
+
+SIGHUP_RELOAD = _SighupReload()
+
+
+def _announce_ip_node(settings: Settings, cert, changed: bool = False) -> None:
     node = derp_map_node_json(settings.hostname, cert, settings.listen_port, settings.stun_port)
-    log.info(
-        "IP certificate in use; add this node to your DERP map: {node}",
+    log.emit(
+        LogLevel.warn if changed else LogLevel.info,
+        "IP certificate in use; add this node to your DERP map: {node}"
+        if not changed
+        else "IP certificate replaced, its sha256-raw pin changed; update this node in your DERP map: {node}",
         node=json.dumps(node),
         derp_map_node=node,
     )
@@ -202,9 +263,11 @@ class DerpboxService(MultiService):
             tls_stats=self.tls_stats,
         )
         self.tls = None
+        self.cert_source = None
         factory = front
         if settings.use_tls:
-            self.tls = build_tls(settings, self.relay.public_key)
+            self.cert_source = build_cert_source(settings)
+            self.tls = build_tls(settings, self.relay.public_key, self.cert_source)
             factory = TLSMemoryBIOFactory(self.tls, False, front)
         what = "DERP (TLS)" if self.tls else "DERP (plain HTTP)"
         self.main = ListenerService(_endpoint(reactor, settings.listen_host, settings.listen_port), factory, what)
@@ -249,10 +312,17 @@ class DerpboxService(MultiService):
         if self.admission is not None:
             self.admission.start()
             self.admission.probe()
+        if isinstance(self.cert_source, ManualCertificateSource):
+            # Manual mode always watches its files (derper needs a restart); SIGHUP reloads at once.
+            self.cert_source.start_watching(self.reactor)
+            SIGHUP_RELOAD.register(self.cert_source, self.reactor)
 
     def stopService(self):
         if self.admission is not None:
             self.admission.stop()
+        if isinstance(self.cert_source, ManualCertificateSource):
+            SIGHUP_RELOAD.unregister(self.cert_source)
+            self.cert_source.stop_watching()
         return super().stopService()
 
     def listening(self) -> defer.Deferred:

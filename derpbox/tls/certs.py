@@ -46,6 +46,18 @@ class CertificateError(ValueError):
     """A certificate or key file is missing, unreadable or unusable."""
 
 
+class KeyMismatchError(CertificateError):
+    """The private key is not the key of the leaf certificate.
+
+    Also the state seen in the middle of a non-atomic replacement (the
+    certificate written, the key not yet), so a watcher retries it for a while.
+    """
+
+
+class MissingFileError(CertificateError):
+    """The certificate or key file does not exist (yet)."""
+
+
 def sanitize_hostname(hostname: str) -> str:
     """Drop every character outside ``[A-Za-z0-9.-]``, as derper does for file names."""
     return _UNSAFE_HOSTNAME_CHARS.sub("", hostname)
@@ -116,20 +128,175 @@ class CertificateHolder:
             listener(certified_key)
 
 
+FileState = tuple  # ((mtime_ns, size, inode) or None) for the .crt, then the .key
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def describe_certificate(certified_key: CertifiedKey) -> str:
+    leaf = certified_key.leaf
+    return (
+        f"serial {leaf.serial_number:x}, sha256 {certified_key.sha256_hex[:16]}..., "
+        f"expires {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+    )
+
+
 class ManualCertificateSource(CertificateHolder):
-    """derper's manual mode: ``<certdir>/<hostname>.crt`` and ``.key``, loaded once.
+    """derper's manual mode: ``<certdir>/<hostname>.crt`` and ``.key``, reloaded when replaced.
 
     When *hostname* is an IP address and the files are missing, a self-signed
     certificate is created (see :func:`ensure_ip_self_signed`). Raises
-    :class:`CertificateError` when the files cannot be used.
+    :class:`CertificateError` when the files cannot be used at start.
+
+    Unlike derper (which needs a restart), the files are watched: :meth:`start_watching`
+    polls ``(mtime_ns, size, inode)`` of both files every *interval* seconds, and
+    :meth:`reload` (SIGHUP) loads them at once. A valid new pair is published to the
+    listeners (new handshakes use it, connections already made keep theirs); a
+    broken pair is refused with one log line per distinct file state and the
+    current certificate stays in use. A pair whose key does not match the
+    certificate, or with one file missing, is what a non-atomic replacement
+    looks like half-way, so the poller retries it for *settle_time* seconds
+    before refusing it.
+
+    Manual mode always watches (there is no ``DERP_CERT_WATCH`` switch yet); the
+    counters ``reloads``, ``reload_failures`` and ``last_error`` are for metrics.
     """
 
+    poll_interval = 1.0
+    settle_time = 3.0
+
     def __init__(self, certdir: str | os.PathLike[str], hostname: str) -> None:
+        self.hostname = hostname
+        self.crt_path, self.key_path = cert_paths(certdir, hostname)
         if is_ip_address(hostname):
             certified_key = ensure_ip_self_signed(certdir, hostname)
         else:
-            certified_key = load_certified_key(*cert_paths(certdir, hostname), hostname)
+            certified_key = load_certified_key(self.crt_path, self.key_path, hostname)
         super().__init__(certified_key)
+        # Counters for metrics.
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_error: str | None = None
+        # The file state last dealt with: loaded, or refused and logged.
+        self._settled: FileState = self._file_state()
+        # A state that failed in a way a half-done replacement explains, and when it was first seen.
+        self._pending: FileState | None = None
+        self._pending_since = 0.0
+        self._loop = None
+        self._clock = None
+
+    # -- watching
+
+    def start_watching(self, clock=None, interval: float | None = None) -> None:
+        """Poll the files with a LoopingCall on *clock* (the reactor by default)."""
+        from twisted.internet.task import LoopingCall
+
+        if self._loop is not None:
+            return
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = clock
+        self._loop.start(interval or self.poll_interval, now=False).addErrback(
+            lambda f: log.failure("certificate file watcher stopped", f)
+        )
+
+    def stop_watching(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    @property
+    def watching(self) -> bool:
+        return self._loop is not None
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock.seconds()
+        import time
+
+        return time.monotonic()
+
+    def _file_state(self) -> FileState:
+        return (_stat(self.crt_path), _stat(self.key_path))
+
+    def poll(self) -> None:
+        """Load the files if they changed since they were last loaded or refused."""
+        state = self._file_state()
+        if state == self._settled and self._pending is None:
+            return
+        self._try(state, forced=False)
+
+    def reload(self) -> bool:
+        """Load the files now, changed or not (SIGHUP); True if a new certificate is in use."""
+        log.info("Reloading TLS certificate {crt} and {key}", crt=str(self.crt_path), key=str(self.key_path))
+        return self._try(self._file_state(), forced=True)
+
+    def _try(self, state: FileState, forced: bool) -> bool:
+        try:
+            certified_key = load_certified_key(self.crt_path, self.key_path, self.hostname)
+        except CertificateError as e:
+            return self._failed(state, e, forced)
+        after = self._file_state()
+        if after != state and not forced:
+            # Changed while being read: look again on the next poll.
+            self._pending, self._pending_since = after, self._now()
+            return False
+        self._settled, self._pending = after, None
+        self.last_error = None
+        current = self.current()
+        if current is not None and _same(current, certified_key):
+            log.info(
+                "TLS certificate files {crt} rewritten with the certificate already in use ({desc})",
+                crt=str(self.crt_path),
+                desc=describe_certificate(certified_key),
+            )
+            return False
+        self.reloads += 1
+        log.info(
+            "TLS certificate reloaded from {crt}: {desc} (new TLS handshakes use it; "
+            "established connections keep theirs)",
+            crt=str(self.crt_path),
+            desc=describe_certificate(certified_key),
+        )
+        self.publish(certified_key)
+        return True
+
+    def _failed(self, state: FileState, error: CertificateError, forced: bool) -> bool:
+        transient = isinstance(error, (KeyMismatchError, MissingFileError))
+        if transient and not forced:
+            now = self._now()
+            if self._pending != state:
+                # A new state: give the writer time to replace the other file too.
+                self._pending, self._pending_since = state, now
+                return False
+            if now - self._pending_since < self.settle_time:
+                return False
+        self._settled, self._pending = state, None
+        self.reload_failures += 1
+        self.last_error = str(error)
+        current = self.current()
+        log.error(
+            "TLS certificate reload refused, still serving the previous certificate ({desc}): {error}",
+            desc=describe_certificate(current) if current is not None else "none",
+            error=str(error),
+            cert_reload_error=str(error),
+        )
+        return False
+
+
+def _same(a: CertifiedKey, b: CertifiedKey) -> bool:
+    der = serialization.Encoding.DER
+    return [c.public_bytes(der) for c in a.chain] == [c.public_bytes(der) for c in b.chain] and _spki(
+        a.key.public_key()
+    ) == _spki(b.key.public_key())
 
 
 def load_certified_key(
@@ -140,7 +307,7 @@ def load_certified_key(
     key = _load_key(Path(key_path))
     leaf = chain[0]
     if _spki(key.public_key()) != _spki(leaf.public_key()):
-        raise CertificateError(
+        raise KeyMismatchError(
             f"{key_path}: private key does not match the public key of the first certificate in {crt_path}"
         )
     _verify_hostname(leaf, hostname, crt_path)
@@ -158,7 +325,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CertificateError(f"{path}: {what} file not found") from None
+        raise MissingFileError(f"{path}: {what} file not found") from None
     except OSError as e:
         raise CertificateError(f"{path}: cannot read {what} file: {e.strerror}") from None
 
