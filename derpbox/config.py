@@ -375,10 +375,6 @@ def _region_id(text: str) -> int:
     return value
 
 
-def _optional_url(text: str) -> str:
-    return _url_list(text)[0] if text.strip() else ""
-
-
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

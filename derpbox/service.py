@@ -22,6 +22,7 @@ from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_t
 from .admission import Admission
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
+from .tls.acme import AcmeCertificateSource, default_directory
 from .tls.certs import (
     CertificateError,
     ManualCertificateSource,
@@ -129,14 +130,24 @@ def build_admission(settings: Settings, reactor) -> Admission | None:
         raise ConfigError(str(e)) from None
 
 
-def build_cert_source(settings: Settings) -> ManualCertificateSource:
-    """The certificate source for -certmode; ACME modes come from a later source."""
-    if settings.certmode != "manual":
-        raise ConfigError(
-            f"-certmode={settings.certmode} (ACME) is not available in this version of derpbox; "
-            "use -certmode=manual with <certdir>/<hostname>.crt and .key, or an IP hostname "
-            "for a self-signed certificate"
-        )
+def build_cert_source(settings: Settings, reactor=None):
+    """The certificate source for -certmode: files (manual) or an ACME CA (letsencrypt, gcp)."""
+    if settings.certmode in ("letsencrypt", "gcp"):
+        try:
+            return AcmeCertificateSource(
+                reactor,
+                hostname=settings.hostname,
+                certdir=settings.certdir,
+                directory_url=settings.acme_directory or default_directory(settings.certmode),
+                email=settings.acme_email,
+                ca_file=settings.acme_ca_file or None,
+                eab_kid=settings.acme_eab_kid,
+                eab_key=settings.acme_eab_key,
+                challenge=settings.acme_challenge,
+                http01_available=settings.http_port >= 0,
+            )
+        except ValueError as e:
+            raise ConfigError(f"-certmode={settings.certmode}: {e}") from None
     try:
         return ManualCertificateSource(settings.certdir, settings.hostname)
     except CertificateError as e:
@@ -266,9 +277,13 @@ class DerpboxService(MultiService):
         self.cert_source = None
         factory = front
         if settings.use_tls:
-            self.cert_source = build_cert_source(settings)
+            self.cert_source = build_cert_source(settings, reactor)
             self.tls = build_tls(settings, self.relay.public_key, self.cert_source)
             factory = TLSMemoryBIOFactory(self.tls, False, front)
+            if isinstance(self.cert_source, AcmeCertificateSource):
+                # Obtains and renews in the background; STUN, port 80 and the relay's
+                # other work never wait for it.
+                self.cert_source.setServiceParent(self)
         what = "DERP (TLS)" if self.tls else "DERP (plain HTTP)"
         self.main = ListenerService(_endpoint(reactor, settings.listen_host, settings.listen_port), factory, what)
         self.main.setServiceParent(self)
@@ -276,7 +291,11 @@ class DerpboxService(MultiService):
         if self.tls and settings.http_port >= 0:
             self.port80 = ListenerService(
                 _endpoint(reactor, settings.listen_host, settings.http_port),
-                build_port80_site(main_resource=self.site.resource, environ=environ),
+                build_port80_site(
+                    main_resource=self.site.resource,
+                    environ=environ,
+                    challenge_responder=getattr(self.cert_source, "http01_response", None),
+                ),
                 "HTTP (captive-portal check, redirect)",
             )
             self.port80.setServiceParent(self)

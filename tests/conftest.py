@@ -24,6 +24,8 @@ from twisted.web.server import Site
 
 from derpbox.config import load_settings
 
+from .pebble import pebble  # noqa: F401  (session fixture: a real ACME CA on loopback)
+
 
 @dataclass
 class Server:

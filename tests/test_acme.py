@@ -34,7 +34,7 @@ from derpbox.tls.acme import (
 from derpbox.tls.context import ServerTLS
 from derpbox.web.port80 import build_port80_site
 
-from .pebble import Pebble, pebble  # noqa: F401  (session fixture)
+from .pebble import Pebble
 
 HOST = "derp.test"
 DERP_KEY = bytes(range(32))

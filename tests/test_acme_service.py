@@ -1,0 +1,73 @@
+"""derpbox in letsencrypt mode against a real ACME CA (Pebble) on loopback."""
+
+from __future__ import annotations
+
+import ssl
+import socket
+
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from derpbox.client import DERPClient
+
+from .tailcat import Tailcat, needs_tailcat, ping
+from .test_server import wait_for
+
+HOST = "derp.test"
+
+
+def acme_flags(pebble, tmp_path, *extra):
+    return ("-certmode", "letsencrypt", "-hostname", HOST, "-tls", "on", "-certdir", str(tmp_path / "acme"),
+            "-acme-directory", pebble.directory_url, "-acme-ca-file", str(pebble.ca_file), *extra)
+
+
+def verified_version(port: int, root_pem: bytes) -> str:
+    ctx = ssl.create_default_context(cadata=root_pem.decode())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname=HOST) as t:
+            return t.version()
+
+
+@needs_tailcat
+@pytest_twisted.inlineCallbacks
+def test_tls_alpn01_without_port80_and_real_clients_verify_the_chain(start_server, pebble, serve_map, tmp_path):
+    # Pebble's validator dials its tlsPort: derpbox's TLS listener is there, and port 80 is off.
+    server = yield start_server(*acme_flags(pebble, tmp_path, "-a", f"127.0.0.1:{pebble.tls_port}",
+                                            "-http-port", "-1"))
+    source = server.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    assert source.stats.issued == 1
+    root = pebble.root_pem()
+    assert (yield deferToThread(verified_version, server.port, root)) == "TLSv1.3"
+    # A Go client that trusts Pebble's root (SSL_CERT_FILE), with a normal map: no
+    # InsecureForTests, no pin; the chain is verified for derp.test.
+    (tmp_path / "pebble-root.pem").write_bytes(root)
+    the_map = {"Regions": {"900": {"RegionID": 900, "RegionCode": "acme", "RegionName": "acme", "Nodes": [
+        {"Name": "900a", "RegionID": 900, "HostName": HOST, "IPv4": "127.0.0.1", "IPv6": "none",
+         "DERPPort": server.port, "STUNPort": server.service.stun_port}]}}}
+    tc = Tailcat(tmp_path / "tc", serve_map(the_map), extra_env={"SSL_CERT_FILE": str(tmp_path / "pebble-root.pem")})
+    out = yield deferToThread(ping, tc)
+    assert "via DERP(acme)" in out, out
+    assert server.stats.fast_start_upgrades >= 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_http01_through_the_port80_listener(start_server, pebble, tmp_path):
+    server = yield start_server(*acme_flags(pebble, tmp_path, "-http-port", str(pebble.http_port),
+                                            "-acme-challenge", "http-01"))
+    source = server.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    root = pebble.root_pem()
+    (tmp_path / "root.pem").write_bytes(root)
+    assert (yield deferToThread(verified_version, server.port, root)) == "TLSv1.3"
+
+    def relay():
+        a = DERPClient.connect(server.url, server_name=HOST, cafile=str(tmp_path / "root.pem"))
+        b = DERPClient.connect(server.url, server_name=HOST, cafile=str(tmp_path / "root.pem"))
+        a.send_packet(b.public_key, b"over an ACME certificate")
+        got = b.recv_packet()
+        a.close()
+        b.close()
+        return got[1]
+
+    assert (yield deferToThread(relay)) == b"over an ACME certificate"
