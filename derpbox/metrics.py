@@ -168,6 +168,11 @@ _ADMISSION_COUNTERS = (
 )
 
 
+# Pre-created so a dashboard sees zeros before the first failure (derpbox.tls.acme's kinds).
+ACME_FAILURE_KINDS = ("directory", "ca_error", "rate_limited", "challenge", "timeout", "network",
+                      "no_challenge", "account", "bad_certificate", "acme", "other")
+
+
 class Metrics:
     """All of derpbox's metrics, read from the live stats objects on demand."""
 
@@ -185,6 +190,8 @@ class Metrics:
         self.stun_stats = stun_stats
         self.admission_stats = admission_stats
         self.tls_stats = tls_stats
+        # The TLS certificate source (manual files or ACME), set by the service once built.
+        self.cert_source = None
         self.clock = clock
         self.start_time = clock() if start_time is None else start_time
 
@@ -251,12 +258,38 @@ class Metrics:
                 fams.append(Family(f"derpbox_admission_{attr}", "counter", text).add(getattr(a, attr)))
             fams.append(Family("derpbox_admission_allowlist_entries", "gauge", "Keys in the loaded allowlist file.").add(a.allowlist_entries))
 
+        fams += self._certificate_families()
+
         fams.append(Family("process_start_unix_time", "gauge", "Process start time, seconds since the Unix epoch.").add(int(self.start_time)))
         fams.append(Family("uptime_sec", "counter", "Seconds since the process started.").add(int(self.uptime())))
         fams.append(Family("version", "gauge", "Version of the running binary.").add(1, version=__version__, binary="derpbox"))
         fams.append(Family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.").add(_resident_bytes()))
         fams.append(Family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.").add(round(_cpu_seconds(), 3)))
         fams.append(Family("process_open_fds", "gauge", "Number of open file descriptors.").add(fds))
+        return fams
+
+    def _certificate_families(self) -> list[Family]:
+        source = self.cert_source
+        if source is None:
+            return []
+        current = source.current()
+        fams = [Family("derpbox_tls_certificate_not_after_seconds", "gauge",
+                       "Expiry of the certificate being served, seconds since the Unix epoch (0: none yet).")
+                .add(int(current.not_after.timestamp()) if current is not None else 0)]
+        acme = getattr(source, "stats", None)
+        if acme is not None:
+            for attr, text in (("orders", "ACME orders placed."), ("issued", "Certificates issued by the ACME CA."),
+                               ("renewals", "Certificates renewed.")):
+                fams.append(Family(f"derpbox_acme_{attr}", "counter", text).add(getattr(acme, attr)))
+            failures = Family("derpbox_acme_failures", "counter", "ACME failures, by kind (the log has the CA's message).")
+            for kind in sorted(set(ACME_FAILURE_KINDS) | set(acme.failures)):
+                failures.add(acme.failures.get(kind, 0), kind=kind)
+            fams.append(failures)
+        if hasattr(source, "reloads"):
+            fams.append(Family("derpbox_tls_certificate_reloads", "counter",
+                               "Certificate files reloaded without a restart.").add(source.reloads))
+            fams.append(Family("derpbox_tls_certificate_reload_failures", "counter",
+                               "Replaced certificate files refused (the old certificate stays).").add(source.reload_failures))
         return fams
 
     def exposition(self) -> bytes:

@@ -278,6 +278,7 @@ class DerpboxService(MultiService):
         factory = front
         if settings.use_tls:
             self.cert_source = build_cert_source(settings, reactor)
+            self.metrics.cert_source = self.cert_source
             self.tls = build_tls(settings, self.relay.public_key, self.cert_source)
             factory = TLSMemoryBIOFactory(self.tls, False, front)
             if isinstance(self.cert_source, AcmeCertificateSource):

@@ -71,3 +71,54 @@ def test_http01_through_the_port80_listener(start_server, pebble, tmp_path):
         return got[1]
 
     assert (yield deferToThread(relay)) == b"over an ACME certificate"
+
+
+def served_serial(port: int, root_pem: bytes) -> int:
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cadata=root_pem.decode())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname=HOST) as t:
+            return x509.load_der_x509_certificate(t.getpeercert(binary_form=True)).serial_number
+
+
+def varz(port: int, root_pem: bytes) -> str:
+    """GET /debug/varz over TLS with SNI derp.test (the relay refuses other names)."""
+    ctx = ssl.create_default_context(cadata=root_pem.decode())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname=HOST) as t:
+            t.sendall(b"GET /debug/varz HTTP/1.1\r\nHost: derp.test\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := t.recv(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_renewal_swaps_the_certificate_under_live_derp_connections(start_server, pebble, tmp_path):
+    import time
+
+    from .test_server import SteadyPair
+
+    server = yield start_server(*acme_flags(pebble, tmp_path, "-http-port", str(pebble.http_port),
+                                            "-acme-challenge", "http-01"))
+    source = server.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    first = source.current().leaf.serial_number
+    root = pebble.root_pem()
+    (tmp_path / "root.pem").write_bytes(root)
+    pair = yield deferToThread(SteadyPair, server.url, server_name=HOST, cafile=str(tmp_path / "root.pem"))
+    yield source.renew_now()
+    yield wait_for(lambda: source.current().leaf.serial_number != first, timeout=60)
+    yield deferToThread(time.sleep, 0.3)
+    sent, received = yield deferToThread(pair.stop)
+    # The pair opened before the swap kept relaying, nothing lost.
+    assert sent > 20 and received == list(range(len(received))) and len(received) >= sent - 1
+    assert (yield deferToThread(served_serial, server.port, root)) == source.current().leaf.serial_number != first
+    text = yield deferToThread(varz, server.port, root)
+    assert "derpbox_acme_issued 2" in text
+    assert 'derpbox_acme_failures{kind="challenge"} 0' in text
+    not_after = int(source.current().not_after.timestamp())
+    assert f"derpbox_tls_certificate_not_after_seconds {not_after}" in text

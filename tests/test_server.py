@@ -204,9 +204,9 @@ def test_websocket_derp_relays_to_plain_client(start_server):
 class SteadyPair:
     """Two clients relaying a numbered packet every few ms in a thread; counts losses."""
 
-    def __init__(self, url, keys=(None, None)):
-        self.a = DERPClient.connect(url, keys[0])
-        self.b = DERPClient.connect(url, keys[1])
+    def __init__(self, url, keys=(None, None), **connect):
+        self.a = DERPClient.connect(url, keys[0], **connect)
+        self.b = DERPClient.connect(url, keys[1], **connect)
         self.sent = 0
         self.received = []
         self._stop = threading.Event()
