@@ -24,7 +24,7 @@ from twisted.web.server import Site
 
 from derpbox.config import load_settings
 
-from .pebble import pebble  # noqa: F401  (session fixture: a real ACME CA on loopback)
+from .pebble import pebble, pebble_eab  # noqa: F401  (session fixtures: real ACME CAs on loopback)
 
 
 @dataclass

@@ -101,7 +101,8 @@ def make_tls_files(outdir: Path) -> Path:
 class Pebble:
     """Pebble plus challtestsrv on free loopback ports (chosen once, kept across restarts)."""
 
-    def __init__(self, workdir: Path, *, validity: int = 3600, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *, validity: int = 3600, env: dict[str, str] | None = None,
+                 eab_keys: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ca_file = make_tls_files(self.workdir / "tls")
@@ -124,7 +125,9 @@ class Pebble:
                         "httpPort": self.http_port,
                         "tlsPort": self.tls_port,
                         "ocspResponderURL": "",
-                        "externalAccountBindingRequired": False,
+                        # With keys (kid -> base64url HMAC key) Pebble demands External Account Binding.
+                        "externalAccountBindingRequired": bool(eab_keys),
+                        "externalAccountMACKeys": eab_keys or {},
                         "certificateValidityPeriod": validity,
                     }
                 }
@@ -210,6 +213,19 @@ def _tcp_open(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+EAB_KID = "kid-derpbox"
+EAB_KEY = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"  # base64url, as Pebble wants
+
+
+@pytest.fixture(scope="session")
+def pebble_eab(tmp_path_factory):
+    """A Pebble that requires External Account Binding (as Google Trust Services does)."""
+    server = Pebble(tmp_path_factory.mktemp("pebble-eab"), eab_keys={EAB_KID: EAB_KEY})
+    server.start()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

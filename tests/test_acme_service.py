@@ -122,3 +122,27 @@ def test_renewal_swaps_the_certificate_under_live_derp_connections(start_server,
     assert 'derpbox_acme_failures{kind="challenge"} 0' in text
     not_after = int(source.current().not_after.timestamp())
     assert f"derpbox_tls_certificate_not_after_seconds {not_after}" in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_gcp_mode_with_external_account_binding(start_server, pebble_eab, tmp_path, log_lines):
+    """-certmode gcp: EAB is required; a wrong key is refused with the CA's message, the right one works."""
+    from .pebble import EAB_KEY, EAB_KID
+
+    def flags(certdir, key):
+        return ("-certmode", "gcp", "-hostname", HOST, "-tls", "on", "-certdir", str(tmp_path / certdir),
+                "-acme-directory", pebble_eab.directory_url, "-acme-ca-file", str(pebble_eab.ca_file),
+                "-acme-email", "ops@derp.test", "-acme-eab-kid", EAB_KID, "-acme-eab-key", key,
+                "-http-port", str(pebble_eab.http_port), "-acme-challenge", "http-01")
+
+    wrong = yield start_server(*flags("wrong", "A" * 64))
+    source = wrong.service.cert_source
+    yield wait_for(lambda: sum(source.stats.failures.values()) >= 1, timeout=30)
+    assert source.current() is None and source.stats.issued == 0
+    assert any("urn:ietf:params:acme:error" in line for line in log_lines), log_lines[-5:]
+    yield wrong.service.stopService()
+
+    right = yield start_server(*flags("right", EAB_KEY))
+    source = right.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    assert source.stats.accounts_created == 1 and source.stats.issued == 1
