@@ -140,6 +140,26 @@ def test_gcp_mode_with_external_account_binding(start_server, pebble_eab, tmp_pa
     yield wait_for(lambda: sum(source.stats.failures.values()) >= 1, timeout=30)
     assert source.current() is None and source.stats.issued == 0
     assert any("urn:ietf:params:acme:error" in line for line in log_lines), log_lines[-5:]
+    # With no certificate, STUN and the port-80 listener still serve.
+    stun_port, http_port = wrong.service.stun_port, wrong.service.http_port
+
+    def other_work():
+        import os
+
+        from derpbox.protocol import stun
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(3)
+            txid = os.urandom(12)
+            u.sendto(stun.build_binding_request(txid), ("127.0.0.1", stun_port))
+            stun_ok = stun.parse_binding_response(u.recv(100))[0] == txid
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as t:
+            t.sendall(b"GET /generate_204 HTTP/1.1\r\nHost: derp.test\r\nConnection: close\r\n\r\n")
+            status = t.recv(100).split(b"\r\n")[0]
+        return stun_ok, status
+
+    stun_ok, status = yield deferToThread(other_work)
+    assert stun_ok and status == b"HTTP/1.1 204 No Content"
     yield wrong.service.stopService()
 
     right = yield start_server(*flags("right", EAB_KEY))
