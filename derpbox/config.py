@@ -96,6 +96,8 @@ class Settings:
     tls_groups: str  # OpenSSL group list; "" = OpenSSL's default
     log_level: str
     log_format: str
+    proxy_protocol: str  # off | v1 | v2 | auto
+    trusted_proxies: tuple[str, ...]
     metrics_addr: str  # "" = no metrics listener
     metrics_allow: tuple[str, ...]
     region_id: int
@@ -590,6 +592,12 @@ SETTINGS_TABLE: tuple[Option, ...] = (
     Option("log_level", "log-level", _choices("debug", "info", "warn", "error"), "info", "log level",
            _env("DERP_LOG_LEVEL")),
     Option("log_format", "log-format", _choices("text", "json"), "text", "log format", _env("DERP_LOG_FORMAT")),
+    Option("proxy_protocol", "proxy-protocol", _choices("off", "v1", "v2", "auto"), "off",
+           "accept a PROXY protocol header (from -trusted-proxies only) on the TLS and HTTP listeners",
+           _env("DERP_PROXY_PROTOCOL")),
+    Option("trusted_proxies", "trusted-proxies",
+           Kind("string", _cidrs, "a comma-separated list of IPs or CIDRs", (str, list)), (),
+           "addresses allowed to send a PROXY protocol header", _env("DERP_TRUSTED_PROXIES")),
     Option("metrics_addr", "metrics-addr",
            Kind("string", _optional_listen_addr, "empty, :PORT, HOST:PORT or [IPV6]:PORT"), "",
            "plain-HTTP listener for /metrics and /healthz (Prometheus); empty disables it",

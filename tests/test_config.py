@@ -304,6 +304,8 @@ ALIASES = [
     ("DERP_ACME_DIRECTORY", "https://127.0.0.1:14000/dir", "acme_directory", "https://127.0.0.1:14000/dir"),
     ("DERP_ACME_CA_FILE", "/etc/pebble-ca.pem", "acme_ca_file", "/etc/pebble-ca.pem"),
     ("DERP_ACME_CHALLENGE", "tls-alpn-01", "acme_challenge", "tls-alpn-01"),
+    ("DERP_PROXY_PROTOCOL", "v2", "proxy_protocol", "v2"),
+    ("DERP_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8", "trusted_proxies", ("127.0.0.1", "10.0.0.0/8")),
     ("DERP_TLS_GROUPS", "X25519:P-256", "tls_groups", "X25519:P-256"),
     ("DERP_LOG_LEVEL", "debug", "log_level", "debug"),
     ("DERP_LOG_FORMAT", "json", "log_format", "json"),
@@ -430,6 +432,8 @@ INVALID = [
     ("region-id", "0", "900-999"),
     ("acme-directory", "ftp://x/dir", "URL"),
     ("acme-challenge", "dns-01", "auto, http-01, tls-alpn-01"),
+    ("proxy-protocol", "v3", "off, v1, v2, auto"),
+    ("trusted-proxies", "300.1.1.1", "list of IPs or CIDRs"),
     ("public-ipv4", "2001:db8::1", "an IPv4 address"),
     ("public-ipv6", "192.0.2.1", "an IPv6 address"),
     ("verify-client-url-fail-open", "nope", "TRUE, true, True"),
@@ -701,6 +705,6 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "metrics-addr", "metrics-allow", "region-id", "region-code", "region-name",
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
-                                    "acme-challenge"}
+                                    "acme-challenge", "proxy-protocol", "trusted-proxies"}
     derived = {"listen_host", "listen_port", "warnings"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}
