@@ -382,3 +382,17 @@ def test_health_key_is_trusted_like_the_mesh_key():
     connect_admitted(relay)  # any other key still goes through admission
     assert len(relay.admission.pending) == 1
     assert health_key(PrivateKey.generate()) != health_key(private)
+
+
+def test_restart_sends_restarting_then_closes_everyone(relay):
+    a, ca, _ = connect(relay)
+    b, cb, kb = connect(relay)
+    b.pauseProducing()
+    send(a, pub(kb), b"queued before the restart")
+    b.resumeProducing()
+    cb.take()
+    assert relay.restart(500, 30000) == 2
+    for conn in (ca, cb):
+        assert conn.take() == [(FrameType.RESTARTING, (500).to_bytes(4, "big") + (30000).to_bytes(4, "big"))]
+        assert conn.closed
+    assert relay.stats.current_connections == 0 and list(relay.peers()) == []

@@ -26,6 +26,7 @@ from ..protocol.frames import (
     PeerGoneReason,
     PeerPresentFlags,
     peer_present_frame,
+    restarting_frame,
 )
 from ..keys import health_key
 from ..logs import LogThrottle
@@ -38,6 +39,9 @@ log = Logger()
 _recv_prefix = struct.Struct(">BI32s").pack
 _RECV = FrameType.RECV_PACKET
 MESH_WRITE_TIMEOUT = 30.0
+# Restarting frame values: reconnect soon, keep trying through a container restart.
+RESTART_RECONNECT_MS = 500
+RESTART_TRY_FOR_MS = 30_000
 
 
 def _ip16(ip: str) -> bytes:
@@ -83,6 +87,7 @@ class Relay:
         # source key -> {destination key: destination connection} it has sent to.
         self._sent_to: dict[bytes, dict[bytes, Peer]] = {}
         self._watchers: list[Peer] = []
+        self._restarting = False
         self._next_conn_id = 0
 
     # -- admission and registration --------------------------------------
@@ -172,7 +177,7 @@ class Relay:
         """The last connection of ``key`` left: tell those it sent to, and watchers."""
         sent_to = self._sent_to.pop(key, {})
         for dst in sent_to.values():
-            if dst.state == ACTIVE:
+            if dst.state == ACTIVE and not self._restarting:
                 dst.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
         # Two keys that sent to each other reference each other's dicts: clearing
         # breaks that cycle, so closed connections are freed by reference counting.
@@ -214,6 +219,19 @@ class Relay:
         dirty = self.dirty
         while dirty:
             dirty.pop().flush_if_writable()
+
+    def restart(self, reconnect_in_ms: int = RESTART_RECONNECT_MS, try_for_ms: int = RESTART_TRY_FOR_MS) -> int:
+        """Tell every client the server is restarting (a Restarting frame), then close
+        each connection after what is queued for it is written. Returns how many."""
+        frame = restarting_frame(reconnect_in_ms, try_for_ms)
+        # Everyone is leaving: no PeerGone among those being closed.
+        self._restarting = True
+        peers = list(self.peers())
+        for peer in peers:
+            peer.send_control(frame)
+        for peer in peers:
+            peer.close()
+        return len(peers)
 
     # -- mesh ------------------------------------------------------------
 
