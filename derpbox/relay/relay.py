@@ -176,8 +176,11 @@ class Relay:
     def _gone(self, key: bytes) -> None:
         """The last connection of ``key`` left: tell those it sent to, and watchers."""
         sent_to = self._sent_to.pop(key, {})
+        if self._restarting:
+            sent_to.clear()
+            return
         for dst in sent_to.values():
-            if dst.state == ACTIVE and not self._restarting:
+            if dst.state == ACTIVE:
                 dst.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
         # Two keys that sent to each other reference each other's dicts: clearing
         # breaks that cycle, so closed connections are freed by reference counting.
