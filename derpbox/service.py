@@ -34,6 +34,7 @@ from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource, parse_allow_list
 from .web.endpoints import QuietSite, build_main_site
 from .web.port80 import build_port80_site
+from .web.proxied import ProxyProtocolFactory, parse_networks
 
 log = Logger()
 
@@ -167,6 +168,30 @@ def build_tls(settings: Settings, public_key: bytes, source=None) -> ServerTLS:
     )
 
 
+def proxy_networks(settings: Settings) -> tuple:
+    """Trusted proxy networks when -proxy-protocol is on, () when off.
+
+    An empty -trusted-proxies is refused rather than read as "anyone" (anyone
+    could then name any client address: spoofed admission Source, logs, limits)
+    or as "loopback" (a same-host proxy is the common case, but a silent default
+    would also trust every local process). Say which addresses send PROXY headers.
+    """
+    if settings.proxy_protocol == "off":
+        if settings.trusted_proxies:
+            log.warn("-trusted-proxies is set but -proxy-protocol is off: PROXY headers are not accepted")
+        return ()
+    if not settings.trusted_proxies:
+        raise ConfigError(
+            f"-proxy-protocol={settings.proxy_protocol} needs -trusted-proxies (DERP_TRUSTED_PROXIES): "
+            "the IPs or CIDRs of the proxies that send PROXY headers, e.g. 127.0.0.1 for a proxy on this host; "
+            "without it anyone could claim any client address"
+        )
+    try:
+        return parse_networks(settings.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"-trusted-proxies: {e}") from None
+
+
 class _SighupReload:
     """One SIGHUP handler for the process, reloading every registered manual source.
 
@@ -234,6 +259,7 @@ class DerpboxService(MultiService):
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        self.proxy_networks = proxy_networks(settings)
         private_key = load_server_key(settings)
         self.relay = Relay(
             private_key,
@@ -286,16 +312,21 @@ class DerpboxService(MultiService):
                 # other work never wait for it.
                 self.cert_source.setServiceParent(self)
         what = "DERP (TLS)" if self.tls else "DERP (plain HTTP)"
+        factory = self._proxied(factory)
+        if self.proxy_networks:
+            what += f", PROXY protocol {settings.proxy_protocol}"
         self.main = ListenerService(_endpoint(reactor, settings.listen_host, settings.listen_port), factory, what)
         self.main.setServiceParent(self)
         self.port80 = None
         if self.tls and settings.http_port >= 0:
             self.port80 = ListenerService(
                 _endpoint(reactor, settings.listen_host, settings.http_port),
-                build_port80_site(
-                    main_resource=self.site.resource,
-                    environ=environ,
-                    challenge_responder=getattr(self.cert_source, "http01_response", None),
+                self._proxied(
+                    build_port80_site(
+                        main_resource=self.site.resource,
+                        environ=environ,
+                        challenge_responder=getattr(self.cert_source, "http01_response", None),
+                    )
                 ),
                 "HTTP (captive-portal check, redirect)",
             )
@@ -326,6 +357,12 @@ class DerpboxService(MultiService):
                 "or with -certmode=manual; Tailscale clients expect TLS",
                 port=settings.listen_port,
             )
+
+    def _proxied(self, factory):
+        """The factory as the listener should use it: under a PROXY-protocol parser when on."""
+        if not self.proxy_networks:
+            return factory
+        return ProxyProtocolFactory(factory, self.settings.proxy_protocol, self.proxy_networks, clock=self.reactor)
 
     def startService(self):
         super().startService()

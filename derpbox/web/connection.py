@@ -43,6 +43,7 @@ from ..protocol.websocket import (
 )
 from ..relay.peer import Peer
 from ..relay.relay import Relay
+from .proxied import came_via_proxy as _came_via_proxy
 
 log = Logger()
 
@@ -55,7 +56,11 @@ TRANSPORT_BUFFER = 256 << 10
 
 
 def remote_address(transport) -> tuple[str, int]:
-    """The peer's address with IPv4-mapped IPv6 unmapped, as a Go server reports it."""
+    """The peer's address with IPv4-mapped IPv6 unmapped, as a Go server reports it.
+
+    Behind a trusted PROXY-protocol proxy, transport.getPeer() is already the real
+    client named by the header (derpbox.web.proxied), at every layer above it.
+    """
     addr = transport.getPeer()
     host = getattr(addr, "host", "")
     try:
@@ -67,12 +72,25 @@ def remote_address(transport) -> tuple[str, int]:
     return host, getattr(addr, "port", 0)
 
 
+def came_via_proxy(transport) -> bool:
+    """True when the connection arrived from a -trusted-proxies address (PROXY protocol).
+
+    Its remote_address() is what the proxy said (or the proxy itself), so an
+    address-based privilege (debug access) must not be granted from it.
+    """
+    return _came_via_proxy(transport)
+
+
 def tcp_transport(transport):
-    """The TCP transport under a (possibly TLS-wrapped) transport."""
+    """The TCP transport under a (possibly TLS- or PROXY-wrapped) transport."""
     while transport is not None:
-        if isinstance(getattr(transport, "socket", None), socket.socket):
+        # vars(), not getattr(): Twisted's ProtocolWrapper (TLS, PROXY) delegates
+        # unknown attributes to the transport below, so getattr would find the
+        # socket on the wrapper and tune the wrapper instead of the TCP transport.
+        own = vars(transport) if hasattr(transport, "__dict__") else {}
+        if isinstance(own.get("socket"), socket.socket):
             return transport
-        transport = getattr(transport, "transport", None)
+        transport = own.get("transport")
     return None
 
 

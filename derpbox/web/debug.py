@@ -5,6 +5,12 @@ file named by TS_DEBUG_KEY_PATH, or, when the request has no X-Forwarded-For
 header, for a remote address that is loopback, a Tailscale address, exactly
 TS_ALLOW_DEBUG_IP, or inside a TS_DEBUG_TRUSTED_CIDRS network. The environment
 is read per request, so a changed key file applies at once.
+
+Behind a PROXY-protocol proxy (a connection from -trusted-proxies, with or without
+a header) the address half of the rule is never applied: the proxy usually sits on
+loopback, and the address it names is only its word, so neither the proxy's own
+address nor the client address from its header grants access (even a loopback or
+Tailscale one). The debug key still works; better, use the -metrics-addr listener.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from ..metrics import CONTENT_TYPE, Metrics
-from .connection import remote_address
+from .connection import came_via_proxy, remote_address
 from .endpoints import BROWSER_HEADERS, http_error, reply
 
 __all__ = ["DEBUG_CSP", "DebugResource", "debug_allowed", "ip_debug_allowed", "request_remote_ip"]
@@ -91,6 +97,8 @@ def debug_allowed(request: server.Request, environ=os.environ) -> bool:
         if offered and hmac.compare_digest(offered, key):
             return True
     if request.requestHeaders.hasHeader(b"X-Forwarded-For"):
+        return False
+    if came_via_proxy(request.channel.transport):
         return False
     return ip_debug_allowed(request_remote_ip(request), environ)
 
