@@ -396,3 +396,18 @@ def test_restart_sends_restarting_then_closes_everyone(relay):
         assert conn.take() == [(FrameType.RESTARTING, (500).to_bytes(4, "big") + (30000).to_bytes(4, "big"))]
         assert conn.closed
     assert relay.stats.current_connections == 0 and list(relay.peers()) == []
+
+
+def test_watcher_hears_of_a_later_client_at_once():
+    mesh_key = bytes(range(32))
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh_key)
+    m, cm, _ = connect(relay, info={"meshKey": mesh_key.hex()})
+    m.feed(F.WATCH_CONNS_FRAME)
+    cm.take()
+    later = PrivateKey.generate()
+    peer = Peer(relay, MemConn(), ("192.0.2.2", 1))
+    peer.start()
+    # Only the handshake: no explicit flush afterwards, as on a real connection.
+    peer.feed(client_info_frame(later, relay.public_key, {}))
+    (_, payload), = cm.take(FrameType.PEER_PRESENT)
+    assert F.parse_peer_present(payload)[0] == pub(later)

@@ -266,6 +266,8 @@ class Peer:
         self.connected_at = self.relay.clock.seconds()
         self.relay.register(self)
         self.conn.write(self.relay.handshake.server_info_frame(box))
+        # Registering queued PeerPresent for mesh watchers; send it now.
+        self.relay.flush()
         self._schedule_keepalive(KEEPALIVE_INTERVAL + random.random() * KEEPALIVE_JITTER)
 
     def _hold(self, data: bytes) -> None:
