@@ -10,6 +10,7 @@ import threading
 from nacl.public import PrivateKey
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import LogLevel, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -39,6 +40,8 @@ from .web.proxied import ProxyProtocolFactory, parse_networks
 log = Logger()
 
 QUEUE_DEPTH_ENV = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"
+# How long a shutdown waits for clients to receive Restarting and the close.
+DRAIN_TIMEOUT = 5.0
 
 
 def _endpoint(reactor, host: str, port: int):
@@ -290,7 +293,7 @@ class DerpboxService(MultiService):
         self.site = build_main_site(
             derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=self.debug, extra=extra
         )
-        front = FrontFactory(
+        self.front = front = FrontFactory(
             self.relay,
             self.site,
             reactor,
@@ -374,13 +377,26 @@ class DerpboxService(MultiService):
             self.cert_source.start_watching(self.reactor)
             SIGHUP_RELOAD.register(self.cert_source, self.reactor)
 
+    @defer.inlineCallbacks
     def stopService(self):
+        # Stop accepting first, then tell every client (Restarting) and wait, bounded,
+        # for the goodbyes to be written: the reactor's own shutdown drops unsent data.
+        yield self.main.stopService()
+        told = self.relay.restart()
+        if told:
+            log.info("telling {n} clients the server is restarting", n=told)
+        open_connections = self.front.open_connections
+        deadline = self.reactor.seconds() + (DRAIN_TIMEOUT if told else 0)
+        while open_connections and self.reactor.seconds() < deadline:
+            yield deferLater(self.reactor, 0.05, lambda: None)
+        for conn in list(open_connections):
+            conn.transport.abortConnection()
         if self.admission is not None:
             self.admission.stop()
         if isinstance(self.cert_source, ManualCertificateSource):
             SIGHUP_RELOAD.unregister(self.cert_source)
             self.cert_source.stop_watching()
-        return super().stopService()
+        yield super().stopService()
 
     def listening(self) -> defer.Deferred:
         """Fires with the service once every TCP listener is up."""

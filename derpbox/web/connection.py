@@ -110,6 +110,7 @@ class FrontConnection(Protocol):
         self._timer = None
 
     def connectionMade(self) -> None:
+        self.factory.open_connections.add(self)
         tls_stats = self.factory.tls_stats
         if tls_stats is not None:
             tls_stats.accepted_connections += 1
@@ -147,6 +148,7 @@ class FrontConnection(Protocol):
             self._head_received(data)
 
     def connectionLost(self, reason) -> None:
+        self.factory.open_connections.discard(self)
         if self.tls_version is not None:
             self.factory.tls_stats.closed(self.tls_version)
             self.tls_version = None
@@ -307,6 +309,8 @@ class FrontFactory(Factory):
         self.relay = relay
         # Set when this factory sits behind TLS: counts accepts and TLS versions.
         self.tls_stats = tls_stats
+        # Every open connection, so a shutdown can wait for them to finish closing.
+        self.open_connections: set[FrontConnection] = set()
         self.site = site
         self.clock = clock
         self.derp_enabled = derp_enabled
