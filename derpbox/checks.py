@@ -285,10 +285,10 @@ class TLSInfo:
     seconds: float
 
 
-def tls_handshake(host: str, port: int, sni: str | None, timeout: float) -> TLSInfo:
+def tls_handshake(host: str, port: int, sni: str | None, timeout: float, preamble: bytes = b"") -> TLSInfo:
     """A TLS handshake that accepts any certificate (verification is done afterwards)."""
     start = time.monotonic()
-    sock = socket.create_connection((host, port), timeout=timeout)
+    sock = _connect(host, port, timeout, preamble)
     try:
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -322,8 +322,17 @@ class HTTPResponse:
     body: bytes
 
 
-def _open(host: str, port: int, tls: bool, sni: str | None, timeout: float):
+def _connect(host: str, port: int, timeout: float, preamble: bytes = b"") -> socket.socket:
+    """A TCP connection; ``preamble`` (a PROXY LOCAL header) goes first when the
+    local checker's address is one of derpbox's trusted proxies."""
     sock = socket.create_connection((host, port), timeout=timeout)
+    if preamble:
+        sock.sendall(preamble)
+    return sock
+
+
+def _open(host: str, port: int, tls: bool, sni: str | None, timeout: float, preamble: bytes = b""):
+    sock = _connect(host, port, timeout, preamble)
     if not tls:
         return sock
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -366,8 +375,8 @@ def _parse_head(head: bytes) -> tuple[int, str, dict]:
 
 def http_request(host: str, port: int, path: str, *, tls: bool, sni: str | None, host_header: str,
                  timeout: float, method: str = "GET", headers: dict | None = None,
-                 body: bytes = b"", read_body: bool = True) -> HTTPResponse:
-    sock = _open(host, port, tls, sni, timeout)
+                 body: bytes = b"", read_body: bool = True, preamble: bytes = b"") -> HTTPResponse:
+    sock = _open(host, port, tls, sni, timeout, preamble)
     try:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host_header}", "User-Agent: derpbox-check",
                  "Connection: close"]
@@ -467,11 +476,12 @@ def proxy_diagnosis(resp: HTTPResponse) -> list[str]:
     return diag
 
 
-def relay_test(url: str, *, sni: str | None, timeout: float, mesh_key: bytes | None = None) -> dict:
+def relay_test(url: str, *, sni: str | None, timeout: float, mesh_key: bytes | None = None,
+               preamble: bytes = b"") -> dict:
     """Two fresh keys; A sends B one packet; returns facts about the connection and the RTT."""
     from .client import DERPClient
 
-    kw = dict(timeout=timeout, server_name=sni, mesh_key=mesh_key, is_prober=True)
+    kw = dict(timeout=timeout, server_name=sni, mesh_key=mesh_key, is_prober=True, preamble=preamble)
     a = DERPClient.connect(url, PrivateKey.generate(), **kw)
     try:
         b = DERPClient.connect(url, PrivateKey.generate(), **kw)
@@ -511,6 +521,19 @@ def _local_host(listen_host: str) -> str:
     return listen_host
 
 
+def _proxy_preamble(settings, host: str) -> bytes:
+    """With -proxy-protocol v1/v2 a trusted proxy must send a header: when this checker
+    connects from a trusted address, it says LOCAL (keep my own address)."""
+    if settings.proxy_protocol not in ("v1", "v2"):
+        return b""
+    from .protocol.proxy import local_preamble
+
+    addr = ipaddress.ip_address(host)
+    if any(addr in ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies):
+        return local_preamble(settings.proxy_protocol)
+    return b""
+
+
 def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
     from .keys import health_key, load_or_create_key
 
@@ -533,10 +556,11 @@ def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
             key_problem = f"server key {settings.key_path} does not exist"
     verifying = bool(settings.verify_clients or settings.verify_client_urls
                      or getattr(settings, "verify_allowlist_file", ""))
+    preamble = _proxy_preamble(settings, host)
 
     if tls:
         def tls_check():
-            info = tls_handshake(host, port, sni, timeout)
+            info = tls_handshake(host, port, sni, timeout, preamble)
             leaf = next((c for c in info.chain if not is_meta_cert(c)), None)
             if leaf is None:
                 raise CheckFailed(f"{info.version}, but no certificate presented")
@@ -545,7 +569,8 @@ def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
         checks.append(("tls", tls_check))
 
     def probe_check():
-        r = http_request(host, port, "/derp/probe", tls=tls, sni=sni, host_header=hh, timeout=timeout)
+        r = http_request(host, port, "/derp/probe", tls=tls, sni=sni, host_header=hh, timeout=timeout,
+                         preamble=preamble)
         if r.status != 200:
             raise CheckFailed(f"GET /derp/probe answered {r.status}")
         return Result("probe", OK, "GET /derp/probe 200")
@@ -556,7 +581,7 @@ def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
             if verifying and mesh_key is None:
                 raise CheckFailed(f"{key_problem}; client verification is on, so the test clients cannot be admitted")
             url = f"{'https' if tls else 'http'}://{_host_header(host, port, -1)}/derp"
-            facts = relay_test(url, sni=sni, timeout=timeout, mesh_key=mesh_key)
+            facts = relay_test(url, sni=sni, timeout=timeout, mesh_key=mesh_key, preamble=preamble)
             return Result("relay", OK, f"packet relayed between two fresh keys in {facts['rtt'] * 1000:.1f} ms"
                           + (" (fast start)" if facts["fast_start"] else ""))
         checks.append(("relay", relay_check))
@@ -577,7 +602,7 @@ def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
         def port80_check():
             r = http_request(host, settings.http_port, "/generate_204", tls=False, sni=None,
                              host_header=_host_header(host, settings.http_port, 80), timeout=timeout,
-                             headers={"X-Tailscale-Challenge": "ts_healthcheck"})
+                             headers={"X-Tailscale-Challenge": "ts_healthcheck"}, preamble=preamble)
             if r.status != 204 or r.headers.get("x-tailscale-response") != "response ts_healthcheck":
                 raise CheckFailed(f"GET /generate_204 on port {settings.http_port} answered {r.status} without the challenge response")
             return Result("http", OK, f"port {settings.http_port} /generate_204 answered 204 with the challenge")

@@ -162,14 +162,20 @@ class DERPClient:
         is_prober: bool = False,
         headers: dict[str, str] | None = None,
         source: tuple[str, int] | None = None,
+        preamble: bytes = b"",
     ) -> DERPClient:
-        """Dial ``url`` (``https://host:port/derp`` or ``http://...``) and handshake."""
+        """Dial ``url`` (``https://host:port/derp`` or ``http://...``) and handshake.
+
+        ``preamble`` is sent right after the TCP connect, before TLS (a PROXY header)."""
         parts = urlsplit(url)
         tls = parts.scheme in ("https", "wss")
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if tls else 80)
         sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if preamble:
+            # E.g. a PROXY protocol header, which precedes TLS.
+            sock.sendall(preamble)
         private_key = private_key or PrivateKey.generate()
         try:
             return cls._handshake(

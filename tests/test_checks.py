@@ -371,3 +371,19 @@ def test_check_diagnoses_an_idle_timeout_shorter_than_the_keepalive(start_server
         assert code == 0 and line(text, "idle").startswith("ok"), text
     finally:
         yield proxy.stopListening()
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+@pytest_twisted.inlineCallbacks
+def test_healthcheck_behind_proxy_protocol_sends_local_header(start_server, mode):
+    """With PROXY protocol required from 127.0.0.1, the local healthcheck (also from
+    127.0.0.1) must say LOCAL first, or derpbox closes its connections."""
+    flags = ("-proxy-protocol", mode, "-trusted-proxies", "127.0.0.1")
+    server = yield start_server(*flags)
+    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server) + list(flags))
+    assert code == 0, text
+    for name in ("tls", "probe", "relay", "http"):
+        assert line(text, name).startswith("ok"), text
+    # Without the header the same checks fail: the preamble is what makes them pass.
+    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server))
+    assert code == 1 and line(text, "relay").startswith("FAIL"), text
