@@ -4,15 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! command -v pebble >/dev/null; then
+# Debian packages: Prometheus and promtool, the Pebble ACME CA, HAProxy, Nginx with
+# the stream module (libnginx-mod-stream has no command, so check its module file).
+missing=0
+for cmd in promtool prometheus pebble pebble-challtestsrv haproxy nginx; do
+    command -v "$cmd" >/dev/null || missing=1
+done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1
+if [ "$missing" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    # Installing must not start the packaged services (Prometheus would take :9090).
+    # Installing must not start the packaged services (they would take :80, :9090).
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
         chmod +x /usr/sbin/policy-rc.d
     fi
     apt-get update -q
-    apt-get install -y -q --no-install-recommends prometheus pebble
+    apt-get install -y -q --no-install-recommends prometheus pebble haproxy nginx libnginx-mod-stream
 fi
 python3 -m pip install --quiet -e '.[test]'
 exec python3 -m pytest "$@"
