@@ -244,3 +244,20 @@ def test_env_example_as_dot_env_changes_nothing_but_the_hostname():
     assigned = [line for line in (COMPOSE / ".env.example").read_text().splitlines()
                 if line and not line.startswith("#")]
     assert assigned == ["DERP_DOMAIN="]
+
+
+def test_readme_table_lists_every_variable_and_is_current():
+    """README's table is generated from the settings table; regenerate with
+    `python compose/gen_env_example.py --readme` when settings change."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_env_example", ROOT / "compose" / "gen_env_example.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    readme = (ROOT / "README.md").read_text()
+    assert gen.render_table() in readme, "README settings table is stale: run compose/gen_env_example.py --readme"
+    from derpbox.config import SETTINGS_TABLE
+
+    for opt in SETTINGS_TABLE:
+        for env in opt.env:
+            assert f"`{env.name}`" in readme, env.name
