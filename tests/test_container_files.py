@@ -28,8 +28,7 @@ import gen_env_example  # noqa: E402
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "compose"
-COMPOSE_FILES = [COMPOSE / "docker-compose.yml", COMPOSE / "tailscale-sidecar" / "docker-compose.yml",
-                 COMPOSE / "headscale" / "docker-compose.yml"]
+COMPOSE_FILES = sorted(COMPOSE.glob("**/docker-compose.yml"))
 VOLUME_DIR = "/var/lib/derpbox"
 
 
