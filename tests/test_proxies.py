@@ -11,6 +11,7 @@ FAILS the tests with the install hint (nothing is skipped).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -30,6 +31,8 @@ from twisted.internet.threads import deferToThread
 from derpbox.client import DERPClient
 
 from .conftest import make_cert
+from .fakes.headscale import FakeHeadscale
+from .tailcat import Tailcat, needs_tailcat, ping
 
 REPO = Path(__file__).resolve().parent.parent
 DERP = "derp.test"
@@ -232,11 +235,11 @@ def nginx(tmp_path_factory, ports, web_backend):
 def derpbox_behind(start_server, tmp_path, ports):
     """Start derpbox on the module's fixed backend ports, trusting the proxies on 127.0.0.1."""
 
-    def start(proxy: str):
+    def start(proxy: str, *extra: str):
         ca, _, _ = make_cert(tmp_path / "certs", DERP)
         d = start_server(
             "-a", f"127.0.0.1:{ports['derp_tls']}", "-http-port", str(ports["derp_http"]), "-hostname", DERP,
-            "-proxy-protocol", PROXY_MODE[proxy], "-trusted-proxies", "127.0.0.1",
+            "-proxy-protocol", PROXY_MODE[proxy], "-trusted-proxies", "127.0.0.1", *extra,
         )
         return d.addCallback(lambda server: (server, ca))
 
@@ -324,3 +327,39 @@ def test_port80_reaches_derpbox(proxy, request, derpbox_behind):
     req = b"GET /generate_204 HTTP/1.1\r\nHost: derp.test\r\nConnection: close\r\n\r\n"
     got = yield deferToThread(plain_request, p["http"], req)
     assert got.startswith(b"HTTP/1.1 204 "), got[:200]
+
+
+@needs_tailcat
+@pytest.mark.parametrize("proxy", PROXIES)
+@pytest_twisted.inlineCallbacks
+def test_tailcat_through_proxy_and_real_source_in_admission_and_log(proxy, request, derpbox_behind, serve_map,
+                                                                   tmp_path, log_lines):
+    """Real Tailscale clients relay through the proxy; a stranger from 127.0.0.4 is refused,
+    and both the admission request's Source and the log line name 127.0.0.4, not the proxy."""
+    p = request.getfixturevalue(proxy)
+    hs = FakeHeadscale().start()
+    try:
+        server, ca = yield derpbox_behind(proxy, "-verify-client-url", hs.url, "-verify-client-url-fail-open=false")
+        the_map = {"Regions": {"900": {"RegionID": 900, "RegionCode": "prx", "RegionName": "proxied", "Nodes": [
+            {"Name": "900a", "RegionID": 900, "HostName": DERP, "IPv4": "127.0.0.1", "IPv6": "none",
+             "DERPPort": p["tls"], "STUNPort": server.service.stun_port, "InsecureForTests": True}]}}}
+        tc = Tailcat(tmp_path / "tc", serve_map(the_map))
+        keys = yield deferToThread(lambda: {tc.node("srv", server=True), tc.node("cli", server=False)})
+        hs.nodes.update(keys)
+        out = yield deferToThread(ping, tc, 10, server_home="srv", client_home="cli")
+        assert "via DERP(prx)" in out, out
+
+        def stranger():
+            try:
+                DERPClient.connect(f"https://127.0.0.1:{p['tls']}/derp", server_name=DERP, cafile=str(ca),
+                                   source=("127.0.0.4", 0)).close()
+                return True
+            except (ConnectionError, OSError):
+                return False
+
+        assert not (yield deferToThread(stranger))
+        sources = [json.loads(r.body)["Source"] for r in hs.requests if r.body]
+        assert "127.0.0.4" in sources, sources  # the real client, as the PROXY header said
+        assert any("from 127.0.0.4 rejected by url check" in line for line in log_lines), log_lines[-5:]
+    finally:
+        yield hs.stop()
