@@ -14,8 +14,6 @@ at first).
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import socket
@@ -25,10 +23,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from .certs import make_cert
 
 PEBBLE = "/usr/bin/pebble"
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
@@ -51,53 +47,6 @@ def free_port(udp_too: bool = False) -> int:
     raise RuntimeError("no free port")
 
 
-def make_tls_files(outdir: Path) -> Path:
-    """A throwaway CA and a localhost/127.0.0.1 leaf for Pebble's own HTTPS; returns the CA path."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpbox test CA for Pebble")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (outdir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (outdir / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    (outdir / "key.pem").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return outdir / "ca.pem"
-
-
 class Pebble:
     """Pebble plus challtestsrv on free loopback ports (chosen once, kept across restarts)."""
 
@@ -105,7 +54,8 @@ class Pebble:
                  eab_keys: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ca_file = make_tls_files(self.workdir / "tls")
+        # A throwaway CA for Pebble's own HTTPS (its issuing root is another, per start).
+        self.ca_file, crt, key = make_cert(self.workdir / "tls", "localhost", "127.0.0.1", "::1")
         self.acme_port = free_port()
         self.management_port = free_port()
         self.http_port = free_port()
@@ -120,8 +70,8 @@ class Pebble:
                     "pebble": {
                         "listenAddress": f"127.0.0.1:{self.acme_port}",
                         "managementListenAddress": f"127.0.0.1:{self.management_port}",
-                        "certificate": str(self.workdir / "tls" / "cert.pem"),
-                        "privateKey": str(self.workdir / "tls" / "key.pem"),
+                        "certificate": str(crt),
+                        "privateKey": str(key),
                         "httpPort": self.http_port,
                         "tlsPort": self.tls_port,
                         "ocspResponderURL": "",
