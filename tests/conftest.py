@@ -72,6 +72,19 @@ def log_lines():
 
 
 @pytest.fixture
+def headscale(request):
+    """Start fake Headscale /verify servers (tests/fakes) that stop with the test."""
+    from .fakes.headscale import FakeHeadscale
+
+    def make(nodes=()):
+        fake = FakeHeadscale(nodes).start()
+        request.addfinalizer(lambda: pytest_twisted.blockon(fake.stop()))
+        return fake
+
+    return make
+
+
+@pytest.fixture
 def start_server(tmp_path, request):
     """Start derpbox with derper-style flags; loopback and ephemeral ports by default."""
 

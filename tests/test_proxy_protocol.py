@@ -43,7 +43,6 @@ from derpbox.protocol.proxy import (
 from derpbox.web.connection import came_via_proxy, remote_address
 from derpbox.web.proxied import ProxyProtocolFactory
 
-from .fakes.headscale import FakeHeadscale
 from .test_server import wait_for
 
 # -- building headers ---------------------------------------------------------
@@ -426,16 +425,6 @@ def raw_exchange(port, data: bytes, *, source=None, tls_after=None) -> bytes:
             if not chunk:
                 return out
             out += chunk
-
-
-@pytest.fixture
-def headscale(request):
-    def make(nodes=()):
-        fake = FakeHeadscale(nodes).start()
-        request.addfinalizer(lambda: pytest_twisted.blockon(fake.stop()))
-        return fake
-
-    return make
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from derpbox.client import DERPClient
 
-from .fakes.headscale import BlackHole, FakeHeadscale
+from .fakes.headscale import BlackHole
 from .fakes.tailscaled import FakeTailscaled
 from .tailcat import Tailcat, derp_map, needs_tailcat, ping
 from .test_server import SteadyPair, wait_for
@@ -35,16 +35,6 @@ def try_connect(url, key, **kw):
         return False
     client.close()
     return True
-
-
-@pytest.fixture
-def headscale(request):
-    def make(nodes=()):
-        fake = FakeHeadscale(nodes).start()
-        request.addfinalizer(lambda: pytest_twisted.blockon(fake.stop()))
-        return fake
-
-    return make
 
 
 @pytest_twisted.inlineCallbacks
