@@ -11,6 +11,7 @@ FAILS the tests with the install hint (nothing is skipped).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,6 +78,24 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], log: Path, ready, env=None):
+    """A proxy process for the duration of the block: started with its output in
+    ``log``, waited for with ``ready(proc)``, stopped afterwards."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
+    try:
+        ready(proc)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def wait_ports(proc: subprocess.Popen, log: Path, *ports: int) -> None:
+    for port in ports:
+        wait_tcp(port, proc, log)
 
 
 def render(template: Path, **values) -> str:
@@ -155,9 +174,8 @@ def traefik(tmp_path_factory, ports, web_backend):
                DERP_HTTP_BACKEND=f"http://127.0.0.1:{ports['derp_http']}",
                WEB_BACKEND=f"127.0.0.1:{ports['web_tls']}")
     log = d / "traefik.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([exe, f"--configFile={d / 'traefik.yml'}"], env=env, stdout=out, stderr=out)
-    try:
+
+    def routers_enabled(proc):
         deadline = time.monotonic() + 15
         wanted = ["tcp/routers/derp@file", "tcp/routers/web-tls@file", "http/routers/derp-http@file"]
         while wanted:
@@ -171,9 +189,9 @@ def traefik(tmp_path_factory, ports, web_backend):
             except OSError:
                 pass
             time.sleep(0.1)
+
+    with running([exe, f"--configFile={d / 'traefik.yml'}"], log, routers_enabled, env=env):
         yield {"tls": tls, "http": http, "log": log}
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +209,8 @@ def haproxy(tmp_path_factory, ports, web_backend):
     check = subprocess.run([exe, "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     log = d / "haproxy.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], stdout=out, stderr=out)
-    try:
-        wait_tcp(tls, proc, log)
-        wait_tcp(http, proc, log)
+    with running([exe, "-db", "-f", str(cfg)], log, lambda proc: wait_ports(proc, log, tls, http)):
         yield {"tls": tls, "http": http, "log": log}
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -221,14 +233,8 @@ def nginx(tmp_path_factory, ports, web_backend):
     check = subprocess.run(base + ["-t"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     log = d / "nginx.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(base, stdout=out, stderr=out)
-    try:
-        wait_tcp(tls, proc, log)
-        wait_tcp(http, proc, log)
+    with running(base, log, lambda proc: wait_ports(proc, log, tls, http)):
         yield {"tls": tls, "http": http, "log": log}
-    finally:
-        stop(proc)
 
 
 @pytest.fixture
