@@ -183,6 +183,7 @@ class Metrics:
         admission_stats=None,
         tls_stats: TLSStats | None = None,
         *,
+        cert_source=None,
         start_time: float | None = None,
         clock=time.time,
     ) -> None:
@@ -190,8 +191,8 @@ class Metrics:
         self.stun_stats = stun_stats
         self.admission_stats = admission_stats
         self.tls_stats = tls_stats
-        # The TLS certificate source (manual files or ACME), set by the service once built.
-        self.cert_source = None
+        # The TLS certificate source (manual files or ACME), None without TLS.
+        self.cert_source = cert_source
         self.clock = clock
         self.start_time = clock() if start_time is None else start_time
 

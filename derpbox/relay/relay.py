@@ -63,6 +63,7 @@ class Relay:
         queue_depth: int = 32,
         write_timeout: float = 2.0,
         mesh_key: bytes | None = None,
+        admission=None,
     ):
         self.handshake = ServerHandshake(private_key)
         self.public_key = self.handshake.public_key
@@ -71,8 +72,8 @@ class Relay:
         self.write_timeout = write_timeout
         self.mesh_key = mesh_key
         self.health_key = health_key(private_key)
-        # Set by the service when client verification is configured (derpbox.admission).
-        self.admission = None
+        # Client verification (derpbox.admission.Admission), None when not configured.
+        self.admission = admission
         self.stats = RelayStats()
         # Per-connection failure lines, folded when a reason repeats (scanners).
         self.noise = LogThrottle(Logger("derpbox.relay.peer"))
