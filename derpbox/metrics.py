@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import __version__
-from .relay.metrics import DROP_REASONS, PACKET_KINDS
+from .counters import Metric
 
 __all__ = ["CONTENT_TYPE", "Family", "Metrics", "TLSStats", "render", "open_fds"]
 
@@ -55,6 +55,21 @@ def tls_version_label(openssl_name: str) -> str:
     if openssl_name.startswith("TLSv"):
         return openssl_name[4:]
     return openssl_name
+
+
+def declared(stats, metrics: tuple[Metric, ...]) -> list[Family]:
+    """The families a stats object declares (derpbox.counters), read from it now."""
+    fams = []
+    for m in metrics:
+        fam = Family(m.name, m.type, m.help)
+        value = getattr(stats, m.attr)
+        if m.labels:
+            for key, v in value.items():
+                fam.add(v, **dict(zip(m.labels, key if isinstance(key, tuple) else (key,))))
+        else:
+            fam.add(value)
+        fams.append(fam)
+    return fams
 
 
 @dataclass
@@ -124,39 +139,6 @@ def render(families: list[Family]) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-# (stat attribute, help) for derper's unlabelled relay families.
-_RELAY_GAUGES = (
-    ("current_connections", "Current connections, including duplicates."),
-    ("current_home_connections", "Current connections from clients that say this is their home (preferred) DERP."),
-    ("current_notideal_connections", "Current connections that sent the Ideal-Node header (not their ideal node)."),
-    ("current_dup_client_keys", "Keys currently connected more than once."),
-    ("current_dup_client_conns", "Connections of keys currently connected more than once."),
-    ("watchers", "Mesh watchers (WatchConns subscribers)."),
-)
-_RELAY_COUNTERS = (
-    ("total_dup_client_conns", "Duplicate connections ever seen for a key."),
-    ("accepts", "Accepted DERP connections, before verification."),
-    ("bytes_received", "Payload bytes received from clients (keys and framing excluded)."),
-    ("bytes_sent", "Payload bytes sent to clients (keys and framing excluded)."),
-    ("packets_received", "Packets received from clients (forwarded-in packets excluded)."),
-    ("packets_sent", "Packets sent to clients."),
-    ("unknown_frames", "Unknown frames received (never incremented, as derper)."),
-    ("home_moves_in", "Clients that made this their home DERP."),
-    ("home_moves_out", "Clients that stopped making this their home DERP."),
-    ("got_ping", "Ping frames received."),
-    ("sent_pong", "Pong frames sent."),
-    ("peer_gone_disconnected_frames", "PeerGone(Disconnected) frames sent."),
-    ("peer_gone_not_here_frames", "PeerGone(NotHere) frames sent."),
-    ("packets_forwarded_out", "Packets forwarded to mesh peers."),
-    ("packets_forwarded_in", "Packets forwarded in from mesh peers."),
-    ("sclient_write_timeouts", "Client writes that timed out."),
-)
-_DERPBOX_COUNTERS = (
-    ("fast_start_upgrades", "DERP connections that used the fast-start upgrade (no 101 response)."),
-    ("handshake_failures", "DERP connections that failed the handshake (ClientInfo)."),
-    ("protocol_errors", "DERP connections closed for a protocol error after the handshake."),
-    ("admission_rejections", "DERP clients rejected by client verification."),
-)
 _ADMISSION_COUNTERS = (
     ("admitted", "Clients admitted by client verification."),
     ("rejected", "Clients rejected by client verification."),
@@ -205,35 +187,14 @@ class Metrics:
         s = relay.stats
         fds = open_fds()
 
-        for attr, text in _RELAY_GAUGES:
-            fams.append(Family(f"derp_{attr}", "gauge", text).add(getattr(s, attr)))
-        keys = {p.key for p in relay.peers()}
-        fams.append(Family("derp_clients_total", "gauge", "Distinct client keys connected, region-wide.").add(len(keys)))
-        fams.append(Family("derp_clients_local", "gauge", "Distinct client keys connected to this node.").add(len(keys)))
+        fams += declared(s, s.METRICS)
+        keys = relay.client_keys()
+        fams.append(Family("derp_clients_total", "gauge", "Distinct client keys connected, region-wide.").add(keys))
+        fams.append(Family("derp_clients_local", "gauge", "Distinct client keys connected to this node.").add(keys))
         fams.append(Family("derp_clients_remote", "gauge", "Distinct client keys connected via mesh peers.").add(0))
         fams.append(Family("derp_current_file_descriptors", "gauge", "Open file descriptors of the process.").add(fds))
-        for attr, text in _RELAY_COUNTERS:
-            fams.append(Family(f"derp_{attr}", "counter", text).add(getattr(s, attr)))
-        kind = Family("derp_packets_received_kind", "counter", "Packets received from clients, by kind.")
-        kind.add(s.packets_received_disco, kind="disco").add(s.packets_received_other, kind="other")
-        fams.append(kind)
-        dropped = Family("derp_packets_dropped", "counter", "Packets dropped, by reason and kind.")
-        dropped_bytes = Family("derp_bytes_dropped", "counter", "Payload bytes dropped, by reason and kind.")
-        for reason in DROP_REASONS:
-            for k in PACKET_KINDS:
-                dropped.add(s.dropped_packets.get((reason, k), 0), reason=reason, kind=k)
-                dropped_bytes.add(s.dropped_bytes.get((reason, k), 0), reason=reason, kind=k)
-        fams += [dropped, dropped_bytes]
-        fams.append(Family("derp_websocket_accepts", "counter", "DERP connections accepted over WebSocket.").add(s.websocket_accepts))
-
         if self.stun_stats is not None:
-            req = Family("stun_requests", "counter", "STUN requests, by disposition.")
-            for disposition, v in self.stun_stats.requests.items():
-                req.add(v, disposition=disposition)
-            fam = Family("stun_addrfamily", "counter", "STUN requests, by address family.")
-            for family, v in self.stun_stats.addrfamily.items():
-                fam.add(v, family=family)
-            fams += [req, fam]
+            fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
         if self.tls_stats is not None:
             t = self.tls_stats
@@ -247,8 +208,6 @@ class Metrics:
                 av.add(n, version=v)
             fams += [rv, av]
 
-        for attr, text in _DERPBOX_COUNTERS:
-            fams.append(Family(f"derpbox_{attr}", "counter", text).add(getattr(s, attr)))
         a = self.admission_stats
         if a is not None:
             dec = Family("derpbox_admission_decisions", "counter", "Client verification decisions, by check and outcome.")

@@ -8,7 +8,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from derpbox.protocol.stun import RESPONSE_LEN_IPV4, build_binding_response, parse_binding_request
+from .counters import counter
+from .protocol.stun import RESPONSE_LEN_IPV4, build_binding_response, parse_binding_request
 
 log = Logger()
 
@@ -18,6 +19,11 @@ MAX_PACKET_SIZE = 64 * 1024
 
 class STUNStats:
     """Counters behind derper's stun_requests{disposition} and stun_addrfamily{family}."""
+
+    METRICS = (
+        counter("requests", "stun_requests", "STUN requests, by disposition.", ("disposition",)),
+        counter("addrfamily", "stun_addrfamily", "STUN requests, by address family.", ("family",)),
+    )
 
     def __init__(self) -> None:
         # read_error keeps derper's label set: recvfrom errors never reach a

@@ -27,7 +27,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from derpbox.client import DERPClient
 from derpbox.metrics import Metrics, TLSStats
 from derpbox.protocol import stun
-from derpbox.relay.metrics import DROP_REASONS, PACKET_KINDS
+from derpbox.relay.stats import DROP_REASONS, PACKET_KINDS, RelayStats
 from derpbox.web.debug import DEBUG_CSP, DebugResource, ip_debug_allowed
 
 from .test_server import wait_for
@@ -228,8 +228,8 @@ def test_exposition_passes_promtool(start_server, allow_two):
 def test_exposition_escapes_label_values():
     stats = TLSStats()
     stats.handshake('we"ird\\ver\nsion')
-    relay = SimpleNamespace(stats=__import__("derpbox.relay.metrics", fromlist=["RelayStats"]).RelayStats(),
-                            peers=lambda: iter(()))
+    relay = SimpleNamespace(stats=RelayStats(),
+                            peers=lambda: iter(()), client_keys=lambda: 0)
     text = Metrics(relay, tls_stats=stats).exposition()
     assert b'derper_tls_request_version{version="we\\"ird\\\\ver\\nsion"} 1\n' in text
     if os.path.exists(PROMTOOL):
@@ -355,8 +355,8 @@ def _dummy_debug_request(path: bytes, peer: str, args=None, headers=None):
 
 
 def _debug_resource(environ, problems=()):
-    relay = SimpleNamespace(stats=__import__("derpbox.relay.metrics", fromlist=["RelayStats"]).RelayStats(),
-                            peers=lambda: iter(()), check_consistency=lambda: list(problems))
+    relay = SimpleNamespace(stats=RelayStats(),
+                            peers=lambda: iter(()), client_keys=lambda: 0, check_consistency=lambda: list(problems))
     return DebugResource(Metrics(relay), hostname="derp.example.com", environ=environ)
 
 

@@ -2,8 +2,10 @@
 
 import pytest
 from nacl.public import PrivateKey
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from derpbox.keys import health_key
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameReader, FrameType
 from derpbox.protocol.handshake import client_info_frame, open_server_info
@@ -112,6 +114,23 @@ def test_not_here_rate_limit_burst_3_then_1_per_second(relay):
         send(a, bytes(32), DISCO)
     assert len(ca.take(FrameType.PEER_GONE)) == 1
     assert relay.stats.dropped_packets[("unknown_dest", "disco")] == 15
+
+
+@pytest.mark.parametrize(
+    "packet, kind",
+    [
+        (DISCO, "disco"),
+        (DISCO[:-1], "other"),  # one byte short of magic + key + nonce
+        (b"x" + DISCO[1:], "other"),  # wrong magic
+    ],
+)
+def test_disco_classification(relay, packet, kind):
+    a, ca, _ = connect(relay)
+    send(a, pub(PrivateKey.generate()), packet)
+    assert relay.stats.dropped_packets[("unknown_dest", kind)] == 1
+    assert (relay.stats.packets_received_disco, relay.stats.packets_received_other) == (
+        (1, 0) if kind == "disco" else (0, 1)
+    )
 
 
 def test_peer_gone_disconnected_to_those_who_received(relay):
@@ -294,8 +313,6 @@ class PendingAdmission:
         self.pending = []
 
     def check(self, key, source_ip):
-        from twisted.internet.defer import Deferred
-
         d = Deferred()
         self.pending.append((key, source_ip, d))
         return d
@@ -316,8 +333,8 @@ def start_pending(relay, extra=b""):
     return peer, conn, key
 
 
-def test_admission_pending_holds_packets_until_allowed(relay):
-    relay.admission = PendingAdmission()
+def test_admission_pending_holds_packets_until_allowed(gated):
+    relay = gated
     b, cb, kb = connect_admitted(relay)
     a, ca, ka = start_pending(relay, F.send_packet_frame(pub(kb), b"early") + F.send_packet_frame(pub(kb), b"x"))
     (key, ip, d2) = relay.admission.pending[1]
@@ -330,6 +347,12 @@ def test_admission_pending_holds_packets_until_allowed(relay):
     assert [p[32:] for _, p in cb.take()] == [b"early", b"x", b"late"]
 
 
+@pytest.fixture
+def gated():
+    """A relay whose admission decisions the test hands out."""
+    return Relay(PrivateKey.generate(), Clock(), write_timeout=2.0, admission=PendingAdmission())
+
+
 def connect_admitted(relay):
     peer, conn, key = start_pending(relay)
     relay.admission.pending[-1][2].callback(decision(True))
@@ -337,8 +360,8 @@ def connect_admitted(relay):
     return peer, conn, key
 
 
-def test_admission_reject_closes_before_server_info(relay):
-    relay.admission = PendingAdmission()
+def test_admission_reject_closes_before_server_info(gated):
+    relay = gated
     b, cb, kb = connect_admitted(relay)
     a, ca, _ = start_pending(relay, F.send_packet_frame(pub(kb), b"never"))
     relay.admission.pending[-1][2].callback(decision(False))
@@ -349,14 +372,13 @@ def test_admission_reject_closes_before_server_info(relay):
 
 def test_mesh_key_skips_admission():
     mesh = bytes(range(32))
-    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh)
-    relay.admission = PendingAdmission()
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh, admission=PendingAdmission())
     connect(relay, info={"meshKey": mesh.hex()})
     assert relay.admission.pending == []
 
 
-def test_decision_after_disconnect_is_ignored(relay):
-    relay.admission = PendingAdmission()
+def test_decision_after_disconnect_is_ignored(gated):
+    relay = gated
     a, ca, _ = start_pending(relay)
     a.connection_lost()
     relay.admission.pending[-1][2].callback(decision(True))
@@ -364,24 +386,45 @@ def test_decision_after_disconnect_is_ignored(relay):
     assert relay.stats.current_connections == 0
 
 
-def test_handshake_deadline_covers_pending_admission(relay):
-    relay.admission = PendingAdmission()
+def test_handshake_deadline_covers_pending_admission(gated):
+    relay = gated
     a, ca, _ = start_pending(relay)
     relay.clock.advance(10.1)
     assert ca.aborted and relay.stats.handshake_failures == 1
 
 
-def test_health_key_is_trusted_like_the_mesh_key():
-    from derpbox.keys import health_key
-
+def test_health_key_skips_admission_and_grants_nothing_else():
     private = PrivateKey.generate()
-    relay = Relay(private, Clock())
-    relay.admission = PendingAdmission()
-    connect(relay, info={"meshKey": health_key(private).hex()})
+    mesh_key = bytes(range(32))
+    relay = Relay(private, Clock(), write_timeout=2.0, mesh_key=mesh_key, admission=PendingAdmission())
+    watcher, cw, _ = connect(relay, info={"meshKey": mesh_key.hex()})
+    watcher.feed(F.WATCH_CONNS_FRAME)
+    relay.flush()
+    cw.take()
+    health, ch, kh = connect(relay, info={"meshKey": health_key(private).hex()})
     assert relay.admission.pending == []
+    # Announced to mesh watchers as a regular client, not as a mesh peer.
+    (_, payload), = cw.take(FrameType.PEER_PRESENT)
+    assert F.parse_peer_present(payload)[0] == pub(kh)
+    assert F.parse_peer_present(payload)[3] == F.PeerPresentFlags.IS_REGULAR
+    assert not health.is_mesh and relay.write_timeout_for(health) == 2.0
     connect_admitted(relay)  # any other key still goes through admission
     assert len(relay.admission.pending) == 1
     assert health_key(PrivateKey.generate()) != health_key(private)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [F.WATCH_CONNS_FRAME, F.forward_packet_frame(bytes(32), bytes(32), b"x"), F.close_peer_frame(bytes(32))],
+    ids=["WatchConns", "ForwardPacket", "ClosePeer"],
+)
+def test_health_key_may_not_send_mesh_frames(frame):
+    private = PrivateKey.generate()
+    relay = Relay(private, Clock(), mesh_key=bytes(range(32)))
+    health, ch, _ = connect(relay, info={"meshKey": health_key(private).hex()})
+    health.feed(frame)
+    assert ch.aborted and relay.stats.protocol_errors == 1
+    assert relay.stats.current_connections == 0
 
 
 def test_restart_sends_restarting_then_closes_everyone(relay):

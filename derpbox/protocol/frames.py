@@ -64,6 +64,8 @@ class FrameError(ValueError):
 _header = struct.Struct(">BI")
 pack_header = _header.pack
 unpack_header_from = _header.unpack_from
+# A RecvPacket frame's header and source key: the relay packs it once per delivered packet.
+RECV_HEADER = struct.Struct(">BI32s")
 
 # Inclusive (min, max) payload lengths the server accepts from a client, spec 1.5.
 # Types absent here are read and discarded whatever their length.
@@ -169,10 +171,6 @@ def send_packet_frame(dst: bytes, packet: bytes) -> bytes:
     return pack_header(FrameType.SEND_PACKET, KEY_LEN + len(packet)) + dst + packet
 
 
-def recv_packet_frame(src: bytes, packet: bytes) -> bytes:
-    return pack_header(FrameType.RECV_PACKET, KEY_LEN + len(packet)) + src + packet
-
-
 def forward_packet_frame(src: bytes, dst: bytes, packet: bytes) -> bytes:
     return pack_header(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)) + src + dst + packet
 
@@ -234,7 +232,3 @@ def parse_peer_present(payload: bytes) -> tuple[bytes, bytes | None, int | None,
     (port,) = struct.unpack_from(">H", rest, 16)
     flags = rest[18] if len(rest) > 18 else None
     return key, ip16, port, flags
-
-
-def looks_like_disco(packet) -> bool:
-    return len(packet) >= DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC

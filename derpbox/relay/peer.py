@@ -68,7 +68,6 @@ class Peer:
         "relay",
         "conn",
         "remote",
-        "conn_id",
         "key",
         "info",
         "state",
@@ -76,14 +75,12 @@ class Peer:
         "not_ideal",
         "preferred",
         "connected_at",
-        "is_dup",
         "dirty",
         "paused",
         "disco_q",
         "data_q",
         "ctrl",
         "pong",
-        "sent_to",
         "_handshake_buf",
         "_held",
         "_reader",
@@ -97,7 +94,6 @@ class Peer:
         self.relay = relay
         self.conn = conn
         self.remote = remote
-        self.conn_id = 0
         self.key = b""
         self.info = None
         self.state = HANDSHAKE
@@ -105,7 +101,6 @@ class Peer:
         self.not_ideal = not_ideal
         self.preferred = False
         self.connected_at = 0.0
-        self.is_dup = False
         self.dirty = False
         self.paused = False
         # Lists, not deques: an empty deque costs ~600 bytes per idle connection
@@ -114,7 +109,6 @@ class Peer:
         self.data_q = []
         self.ctrl = []
         self.pong = None
-        self.sent_to = None
         self._handshake_buf = b""
         self._held = b""
         self._reader = None
@@ -194,8 +188,7 @@ class Peer:
             self.fail(str(e))
             return
         relay = self.relay
-        if self.is_dup:
-            relay.note_activity(self)
+        relay.note_activity(self)
         for ftype, payload in frames:
             if ftype == _SEND:
                 relay.send_packet(self, payload)
@@ -229,16 +222,16 @@ class Peer:
         self.info = info
         self.is_mesh = self.relay.is_mesh_key(info.mesh_key)
         rest = buf[used:]
-        admission = self.relay.admission
         # A valid mesh key admits and skips every check (spec 1.4, step 5).
-        if self.is_mesh or admission is None or not admission.enabled:
+        pending = self.relay.admission_check(self.key, self.remote[0], info.mesh_key)
+        if pending is None:
             self._activate(box)
             return rest
         self.state = ADMITTING
         self._held = bytes(rest)
         # The client may send packets before ServerInfo; they wait, unread, for the decision.
         self.conn.pause_reading()
-        admission.check(self.key, self.remote[0]).addCallback(self._admitted, box)
+        pending.addCallback(self._admitted, box)
         return b""
 
     def _admitted(self, decision, box) -> None:
@@ -322,7 +315,7 @@ class Peer:
         q.append(frame)
         if not self.dirty:
             self.dirty = True
-            self.relay.dirty.append(self)
+            self.relay.needs_flush(self)
 
     def send_control(self, frame: bytes) -> None:
         """Queue a frame that is never dropped (PeerGone, PeerPresent, KeepAlive)."""
@@ -340,7 +333,7 @@ class Peer:
     def mark_dirty(self) -> None:
         if not self.dirty:
             self.dirty = True
-            self.relay.dirty.append(self)
+            self.relay.needs_flush(self)
 
     def _flush(self) -> None:
         """Write everything queued in one write, so TLS seals one record per batch."""

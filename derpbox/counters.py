@@ -1,0 +1,36 @@
+"""A metric declared once: its exposition name, type and help beside the counter it reads.
+
+Each stats object (relay, STUN, TLS, admission, certificates) lists its metrics in
+a ``METRICS`` tuple next to the attributes they read; ``derpbox.metrics`` renders
+every declared metric from that list and nothing else, so a name, type or help
+text is never written twice. Plain attributes keep the hot path to one add.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+COUNTER, GAUGE = "counter", "gauge"
+
+
+class Metric(NamedTuple):
+    attr: str  # the attribute of the stats object holding the value
+    name: str  # the exposition name (derper's, where derper has the metric)
+    type: str  # COUNTER or GAUGE
+    help: str
+    # With labels, the attribute is a dict keyed by the label value (a tuple of
+    # values for several labels); every key present is one sample.
+    labels: tuple[str, ...] = ()
+
+
+def counter(attr: str, name: str, help: str, labels: tuple[str, ...] = ()) -> Metric:
+    return Metric(attr, name, COUNTER, help, labels)
+
+
+def gauge(attr: str, name: str, help: str, labels: tuple[str, ...] = ()) -> Metric:
+    return Metric(attr, name, GAUGE, help, labels)
+
+
+def attributes(metrics: tuple[Metric, ...]) -> tuple[str, ...]:
+    """The plain (unlabelled) attributes a stats object must start at zero."""
+    return tuple(m.attr for m in metrics if not m.labels)

@@ -1,0 +1,92 @@
+"""One record per client key (Go's ``clientSet``): its connections and who it sent to.
+
+A key connected once has one connection, which is active. A key connected more
+than once (spec 1.8, "last writer is active") remembers which duplicates have sent
+since, most recent last: the most recent sender is active, and while none of them
+has spoken since the active one left, none is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+
+class ClientSet:
+    __slots__ = ("conns", "active", "senders", "sent_to")
+
+    def __init__(self) -> None:
+        # Every connection of the key, oldest first.
+        self.conns: list[Peer] = []
+        # The connection that receives the key's traffic, or None (see the module docstring).
+        self.active: Peer | None = None
+        # With duplicates: the connections that have sent since, most recent last; else None.
+        self.senders: list[Peer] | None = None
+        # Destination key -> the connection it was delivered to, for PeerGone when this key leaves.
+        self.sent_to: dict[bytes, Peer] = {}
+
+    def __repr__(self) -> str:
+        return f"<ClientSet conns={len(self.conns)} dup={self.senders is not None}>"
+
+    def add(self, peer: Peer) -> None:
+        """A new connection of the key: it becomes active (the newest connection wins)."""
+        self.conns.append(peer)
+        if len(self.conns) == 2:
+            self.senders = []
+        self.active = peer
+
+    def note_sender(self, peer: Peer) -> None:
+        """A duplicate connection that speaks becomes the active one."""
+        senders = self.senders
+        if senders is None:
+            return
+        if not senders or senders[-1] is not peer:
+            if peer in senders:
+                senders.remove(peer)
+            senders.append(peer)
+        self.active = peer
+
+    def remove(self, peer: Peer) -> None:
+        """Forget a closed connection; the caller drops the record once ``conns`` is empty."""
+        conns = self.conns
+        conns.remove(peer)
+        senders = self.senders
+        if senders is None:
+            self.active = None
+            return
+        if peer in senders:
+            senders.remove(peer)
+        if len(conns) == 1:
+            self.senders = None
+            self.active = conns[0]
+        elif self.active is peer:
+            self.active = senders[-1] if senders else None
+
+    @property
+    def duplicated(self) -> bool:
+        return self.senders is not None
+
+    def forget_sent_to(self) -> list[Peer]:
+        """The connections this key sent to, cleared: two keys that sent to each other
+        would otherwise keep each other's records (and connections) alive in a cycle."""
+        receivers = list(self.sent_to.values())
+        self.sent_to.clear()
+        return receivers
+
+    def problems(self, key: bytes) -> list[str]:
+        """Broken invariants of this record, for the relay's consistency check."""
+        name = key.hex()[:8]
+        out = []
+        if not self.conns:
+            out.append(f"record for {name} has no connections")
+        if self.active is not None and self.active not in self.conns:
+            out.append(f"active connection for {name} is not registered")
+        if (len(self.conns) > 1) != (self.senders is not None):
+            out.append(f"duplicate state of {name} disagrees with its {len(self.conns)} connections")
+        if self.senders is not None and any(p not in self.conns for p in self.senders):
+            out.append(f"a sender of {name} is not registered")
+        if len(self.conns) == 1 and self.active is not self.conns[0]:
+            out.append(f"the only connection of {name} is not active")
+        return out

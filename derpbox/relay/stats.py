@@ -1,0 +1,82 @@
+"""The relay's counters and gauges, each declared once with derper's name (spec section 6).
+
+Plain attributes on a slotted object keep the hot path to one attribute add;
+``derpbox.metrics`` renders ``RelayStats.METRICS``.
+"""
+
+from __future__ import annotations
+
+from ..counters import attributes, counter, gauge
+
+DROP_REASONS = (
+    "unknown_dest",
+    "unknown_dest_on_fwd",
+    "gone_disconnected",
+    "queue_head",
+    "queue_tail",
+    "write_error",
+    "dup_client",
+)
+PACKET_KINDS = ("disco", "other")
+
+
+class RelayStats:
+    METRICS = (
+        gauge("current_connections", "derp_current_connections", "Current connections, including duplicates."),
+        gauge("current_home_connections", "derp_current_home_connections",
+              "Current connections from clients that say this is their home (preferred) DERP."),
+        gauge("current_notideal_connections", "derp_current_notideal_connections",
+              "Current connections that sent the Ideal-Node header (not their ideal node)."),
+        gauge("current_dup_client_keys", "derp_current_dup_client_keys", "Keys currently connected more than once."),
+        gauge("current_dup_client_conns", "derp_current_dup_client_conns",
+              "Connections of keys currently connected more than once."),
+        gauge("watchers", "derp_watchers", "Mesh watchers (WatchConns subscribers)."),
+        counter("total_dup_client_conns", "derp_total_dup_client_conns", "Duplicate connections ever seen for a key."),
+        counter("accepts", "derp_accepts", "Accepted DERP connections, before verification."),
+        counter("bytes_received", "derp_bytes_received", "Payload bytes received from clients (keys and framing excluded)."),
+        counter("bytes_sent", "derp_bytes_sent", "Payload bytes sent to clients (keys and framing excluded)."),
+        counter("packets_received", "derp_packets_received", "Packets received from clients (forwarded-in packets excluded)."),
+        counter("packets_sent", "derp_packets_sent", "Packets sent to clients."),
+        counter("unknown_frames", "derp_unknown_frames", "Unknown frames received (never incremented, as derper)."),
+        counter("home_moves_in", "derp_home_moves_in", "Clients that made this their home DERP."),
+        counter("home_moves_out", "derp_home_moves_out", "Clients that stopped making this their home DERP."),
+        counter("got_ping", "derp_got_ping", "Ping frames received."),
+        counter("sent_pong", "derp_sent_pong", "Pong frames sent."),
+        counter("peer_gone_disconnected_frames", "derp_peer_gone_disconnected_frames", "PeerGone(Disconnected) frames sent."),
+        counter("peer_gone_not_here_frames", "derp_peer_gone_not_here_frames", "PeerGone(NotHere) frames sent."),
+        counter("packets_forwarded_out", "derp_packets_forwarded_out", "Packets forwarded to mesh peers."),
+        counter("packets_forwarded_in", "derp_packets_forwarded_in", "Packets forwarded in from mesh peers."),
+        counter("sclient_write_timeouts", "derp_sclient_write_timeouts", "Client writes that timed out."),
+        counter("packets_received_kind", "derp_packets_received_kind", "Packets received from clients, by kind.",
+                ("kind",)),
+        counter("dropped_packets", "derp_packets_dropped", "Packets dropped, by reason and kind.", ("reason", "kind")),
+        counter("dropped_bytes", "derp_bytes_dropped", "Payload bytes dropped, by reason and kind.", ("reason", "kind")),
+        counter("websocket_accepts", "derp_websocket_accepts", "DERP connections accepted over WebSocket."),
+        counter("fast_start_upgrades", "derpbox_fast_start_upgrades",
+                "DERP connections that used the fast-start upgrade (no 101 response)."),
+        counter("handshake_failures", "derpbox_handshake_failures", "DERP connections that failed the handshake (ClientInfo)."),
+        counter("protocol_errors", "derpbox_protocol_errors", "DERP connections closed for a protocol error after the handshake."),
+        counter("admission_rejections", "derpbox_admission_rejections", "DERP clients rejected by client verification."),
+    )
+    __slots__ = attributes(METRICS) + ("packets_received_disco", "packets_received_other", "dropped_packets", "dropped_bytes")
+
+    def __init__(self):
+        for name in attributes(self.METRICS):
+            setattr(self, name, 0)
+        self.packets_received_disco = 0
+        self.packets_received_other = 0
+        # Every (reason, kind) pair exists from the start, as derper pre-creates them.
+        self.dropped_packets = {(r, k): 0 for r in DROP_REASONS for k in PACKET_KINDS}
+        self.dropped_bytes = dict.fromkeys(self.dropped_packets, 0)
+
+    @property
+    def packets_received_kind(self) -> dict[str, int]:
+        return {"disco": self.packets_received_disco, "other": self.packets_received_other}
+
+    def drop(self, reason: str, disco: bool, nbytes: int) -> None:
+        key = (reason, "disco" if disco else "other")
+        self.dropped_packets[key] += 1
+        self.dropped_bytes[key] += nbytes
+
+    def total_dropped(self, reason: str | None = None) -> int:
+        return sum(v for (r, _), v in self.dropped_packets.items() if reason in (None, r))
