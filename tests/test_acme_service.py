@@ -11,7 +11,7 @@ from twisted.internet.threads import deferToThread
 from derpbox.client import DERPClient
 
 from .tailcat import Tailcat, needs_tailcat, ping
-from .test_server import wait_for
+from .support import SteadyPair, wait_for
 
 HOST = "derp.test"
 
@@ -100,7 +100,6 @@ def varz(port: int, root_pem: bytes) -> str:
 def test_renewal_swaps_the_certificate_under_live_derp_connections(start_server, pebble, tmp_path):
     import time
 
-    from .test_server import SteadyPair
 
     server = yield start_server(*acme_flags(pebble, tmp_path, "-http-port", str(pebble.http_port),
                                             "-acme-challenge", "http-01"))

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 from derpbox.client import DERPClient
 
 from .conftest import make_cert
-from .test_server import SteadyPair, wait_for
+from .support import SteadyPair, wait_for
 
 HOST = "derp.test"
 REFUSED = "TLS certificate reload refused"

@@ -1,9 +1,18 @@
 """The derpbox command as an operator runs it: bad settings stop start-up clearly."""
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
+
+from derpbox.client import DERPClient
+from derpbox.protocol import stun
+
+from .support import read_until_line
 
 
 def run(*args, env=None, timeout=30):
@@ -55,14 +64,6 @@ def test_help_and_version():
 def test_dev_mode_serves_plain_derp_and_stun_on_localhost(tmp_path):
     """`derpbox -dev`, the README's first command: DERP over plain HTTP on
     127.0.0.1:3340 and STUN on 3478, with a key that lives only in memory."""
-    import os
-    import signal
-    import socket
-    import time
-
-    from derpbox.client import DERPClient
-    from derpbox.protocol import stun
-
     proc = subprocess.Popen([sys.executable, "-m", "derpbox", "-dev"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
@@ -91,17 +92,18 @@ def test_dev_mode_serves_plain_derp_and_stun_on_localhost(tmp_path):
 
 
 def test_accepted_but_unsupported_derper_flags_are_named_at_start_up(tmp_path):
-    import signal
-    import time
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "derpbox", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "-tls=off", "-stun=false",
          "-bootstrap-dns-names", "example.com", "-rate-config", "/etc/rate.json", "-accept-connection-limit", "10"],
         stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
+    try:
+        # Start-up is over once it listens: every start-up warning was written before.
+        first = read_until_line(proc.stderr, "listening on")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=10)
+    err = "".join(first) + rest
     for flag in ("-bootstrap-dns-names", "-rate-config", "-accept-connection-limit"):
         assert f"{flag}" in err and "not supported by this version of derpbox" in err, err
     assert "-ace " not in err

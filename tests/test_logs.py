@@ -12,7 +12,7 @@ from twisted.logger import formatEvent
 
 from derpbox.protocol import frames as F
 
-from .test_server import expect_closed
+from .support import expect_closed, unused_port, wait_until_listening
 
 
 @pytest_twisted.inlineCallbacks
@@ -52,14 +52,18 @@ def test_json_log_format(tmp_path):
 
 
 def test_log_level_filters(tmp_path):
+    port = unused_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "derpbox", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "-tls=off",
+        [sys.executable, "-m", "derpbox", "-c", str(tmp_path / "k"), "-a", f"127.0.0.1:{port}", "-tls=off",
          "-stun=false", "-log-level", "warn"],
         env={"PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
+    try:
+        # Once it accepts connections, the (filtered) "listening on" line was logged.
+        wait_until_listening(port, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
     assert "listening on" not in err  # info lines are filtered out
     assert "serving plain HTTP" in err  # the warning stays
 

@@ -30,7 +30,7 @@ from derpbox.protocol import stun
 from derpbox.relay.stats import DROP_REASONS, PACKET_KINDS, RelayStats
 from derpbox.web.debug import DEBUG_CSP, DebugResource, ip_debug_allowed
 
-from .test_server import wait_for
+from .support import wait_for
 
 PROMTOOL = "/usr/bin/promtool"
 PROMETHEUS = "/usr/bin/prometheus"

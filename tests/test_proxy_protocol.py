@@ -43,7 +43,7 @@ from derpbox.protocol.proxy import (
 from derpbox.web.connection import came_via_proxy, remote_address
 from derpbox.web.proxied import ProxyProtocolFactory
 
-from .test_server import wait_for
+from .support import wait_for
 
 # -- building headers ---------------------------------------------------------
 

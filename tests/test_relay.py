@@ -5,6 +5,7 @@ from nacl.public import PrivateKey
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from derpbox.admission import Decision
 from derpbox.keys import health_key
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameReader, FrameType
@@ -319,8 +320,6 @@ class PendingAdmission:
 
 
 def decision(allow):
-    from derpbox.admission import Decision
-
     return Decision(allow=allow, check="url", reason="test")
 
 

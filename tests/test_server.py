@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import ssl
-import threading
 import time
+import weakref
 
 import pytest
 import pytest_twisted
-from nacl.public import PrivateKey
+from nacl.public import Box, PrivateKey, PublicKey
 from twisted.internet.threads import deferToThread
 
 from derpbox.client import DERPClient, DERPClientError
+from derpbox.config import ConfigError, load_settings
 from derpbox.protocol import frames as F
 from derpbox.protocol import stun
 from derpbox.protocol.frames import FrameType
 from derpbox.protocol.handshake import client_info_frame
 
 from .conftest import make_cert
-
-
-@pytest_twisted.inlineCallbacks
-def wait_for(predicate, timeout=5.0):
-    """Let the reactor run until ``predicate()`` holds."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        yield deferLater(reactor, 0.01, lambda: None)
+from .support import SteadyPair, expect_closed, wait_for
 
 
 def relay_roundtrip(url, n=20, **kw):
@@ -201,54 +192,6 @@ def test_websocket_derp_relays_to_plain_client(start_server):
     assert server.stats.websocket_accepts == 1
 
 
-class SteadyPair:
-    """Two clients relaying a numbered packet every few ms in a thread; counts losses."""
-
-    def __init__(self, url, keys=(None, None), **connect):
-        self.a = DERPClient.connect(url, keys[0], **connect)
-        self.b = DERPClient.connect(url, keys[1], **connect)
-        self.sent = 0
-        self.received = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.a.send_packet(self.b.public_key, self.sent.to_bytes(4, "big"))
-            self.sent += 1
-            src, data = self.b.recv_packet(timeout=5)
-            self.received.append(int.from_bytes(data, "big"))
-            time.sleep(0.002)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(10)
-        self.a.close()
-        self.b.close()
-        return self.sent, self.received
-
-
-def expect_closed(port, payload: bytes, *, upgrade=True, tls=False) -> bytes:
-    """Send ``payload`` (after a DERP upgrade unless told otherwise); return what came
-    back once the server closed the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        if upgrade:
-            s.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-        s.sendall(payload)
-        data = b""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-        raise AssertionError(f"server did not close; got {data[:100]!r}")
-
-
 def good_client_info(server_key):
     return client_info_frame(PrivateKey.generate(), server_key, {"version": 2})
 
@@ -271,8 +214,6 @@ BAD_INPUTS = {
 
 
 def bad_json_info(server_key):
-    from nacl.public import Box, PublicKey
-
     key = PrivateKey.generate()
     sealed = bytes(Box(key, PublicKey(server_key)).encrypt(b"{nope"))
     return F.encode_frame(2, bytes(key.public_key) + sealed)
@@ -296,7 +237,8 @@ def test_each_bad_input_closes_only_its_connection(start_server, log_lines):
     sent, received = yield deferToThread(pair.stop)
     assert sent > 20
     assert received == list(range(len(received))) and len(received) >= sent - 1
-    assert server.stats.current_connections == 0
+    # The clients closed from a thread: the server sees it a moment later.
+    yield wait_for(lambda: server.stats.current_connections == 0)
     assert server.relay.check_consistency() == []
 
 
@@ -351,8 +293,16 @@ def test_duplicate_key_connections_over_tls(start_server):
         first.send_packet(other.public_key, b"reply")
         other.recv_packet()
         second.close()
-        time.sleep(0.2)
-        assert not other._frames  # one connection of the key is left: no PeerGone yet
+        deadline = time.monotonic() + 5
+        while server.stats.current_connections != 2:
+            assert time.monotonic() < deadline, "the server did not see the duplicate close"
+            time.sleep(0.01)
+        # A PeerGone, if any, was queued before the pong: frames arrive in order.
+        other.ping()
+        before_pong = []
+        while (frame := other.recv(timeout=5)).type != FrameType.PONG:
+            before_pong.append(frame.type)
+        assert FrameType.PEER_GONE not in before_pong  # one connection of the key is left
         first.close()
         gone = other.recv_until(FrameType.PEER_GONE)
         other.close()
@@ -539,8 +489,6 @@ def test_tls_groups_setting_takes_effect(start_server):
 
 
 def test_tls_groups_validated():
-    from derpbox.config import ConfigError, load_settings
-
     with pytest.raises(ConfigError, match="-tls-groups.*'NOPE'.*OpenSSL group list"):
         load_settings(["-c", "/tmp/k", "-tls-groups", "NOPE"], {})
     assert load_settings(["-c", "/tmp/k", "-tls=off"], {"DERP_TLS_GROUPS": "X25519:P-256"}).tls_groups == "X25519:P-256"
@@ -551,9 +499,6 @@ def test_tls_groups_validated():
 def test_closed_connections_are_freed_without_cyclic_gc(start_server, websocket):
     """derpbox.heap freezes long-lived objects; that is only safe if a closed
     connection needs no cyclic collection to be freed."""
-    import gc
-    import weakref
-
     server = yield start_server()
     front = server.service.main.factory.wrappedFactory
     built = []

@@ -303,8 +303,9 @@ async def test_sni_mismatch_fails_handshake_only_for_that_connection(listen, dns
 @pytest_twisted.ensureDeferred
 async def test_sni_not_enforced_when_disabled(listen, dns_cert):
     port = listen(ServerTLS(CertificateHolder(dns_cert), "derp.test", DERP_KEY, strict_sni=False))
-    await connect(port, sni="other.test")
-    await connect(port)
+    for sni in ("other.test", None):
+        client = await connect(port, sni=sni)
+        assert der(client.chain[0]) == der(dns_cert.leaf)
 
 
 @pytest_twisted.ensureDeferred

@@ -20,7 +20,7 @@ from derpbox.client import DERPClient
 from .fakes.headscale import BlackHole
 from .fakes.tailscaled import FakeTailscaled
 from .tailcat import Tailcat, derp_map, needs_tailcat, ping
-from .test_server import SteadyPair, wait_for
+from .support import SteadyPair, wait_for
 
 
 def nodekey(key: PrivateKey) -> str:
