@@ -43,6 +43,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from ..counters import counter
 from ..files import write_atomically
 from .certs import CertificateError, CertificateHolder, CertifiedKey, cert_paths, is_ip_address, load_certified_key
 
@@ -86,10 +87,16 @@ class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
     typ = TLSALPN01
 
 
+# Every kind _describe_failure gives; pre-created so a dashboard sees zeros before the first failure.
+FAILURE_KINDS = ("directory", "ca_error", "rate_limited", "challenge", "timeout", "network",
+                 "no_challenge", "account", "bad_certificate", "acme", "other")
+
+
 class AcmeError(Exception):
-    """One failed attempt, with a failure *kind* for the stats."""
+    """One failed attempt, with a failure *kind* (one of FAILURE_KINDS) for the stats."""
 
     def __init__(self, kind: str, message: str) -> None:
+        assert kind in FAILURE_KINDS, kind
         super().__init__(message)
         self.kind = kind
 
@@ -97,6 +104,14 @@ class AcmeError(Exception):
 @dataclass
 class AcmeStats:
     """Counters for metrics: orders placed, certificates issued, failures by kind."""
+
+    METRICS = (
+        counter("orders", "derpbox_acme_orders", "ACME orders placed."),
+        counter("issued", "derpbox_acme_issued", "Certificates issued by the ACME CA."),
+        counter("renewals", "derpbox_acme_renewals", "Certificates renewed."),
+        counter("failures_by_kind", "derpbox_acme_failures", "ACME failures, by kind (the log has the CA's message).",
+                ("kind",)),
+    )
 
     orders: int = 0
     issued: int = 0
@@ -107,6 +122,10 @@ class AcmeStats:
     last_error_time: float | None = None
     not_after: float | None = None  # unix time of the certificate being served
     next_check: float | None = None  # unix time of the next renewal check or retry
+
+    @property
+    def failures_by_kind(self) -> dict[str, int]:
+        return {kind: self.failures[kind] for kind in FAILURE_KINDS}
 
 
 @dataclass
