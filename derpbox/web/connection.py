@@ -8,7 +8,6 @@ twisted.web site. Bytes that follow the head in the same read are DERP stream
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 from twisted.internet.interfaces import IHandshakeListener
@@ -18,6 +17,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ..metrics import TLSStats, tls_version_label
+from ..netaddr import remote_address
 from ..protocol.upgrade import (
     MAX_HEAD,
     HTTPHeadError,
@@ -43,7 +43,6 @@ from ..protocol.websocket import (
 )
 from ..relay.peer import Peer
 from ..relay.relay import Relay
-from .proxied import came_via_proxy as _came_via_proxy
 
 log = Logger()
 
@@ -53,32 +52,6 @@ HEAD_TIMEOUT = 30.0
 WS_CHUNK = 32 << 10
 GO_DEFAULT_KEEPALIVE = 15.0
 TRANSPORT_BUFFER = 256 << 10
-
-
-def remote_address(transport) -> tuple[str, int]:
-    """The peer's address with IPv4-mapped IPv6 unmapped, as a Go server reports it.
-
-    Behind a trusted PROXY-protocol proxy, transport.getPeer() is already the real
-    client named by the header (derpbox.web.proxied), at every layer above it.
-    """
-    addr = transport.getPeer()
-    host = getattr(addr, "host", "")
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            host = str(ip.ipv4_mapped)
-    except ValueError:
-        pass
-    return host, getattr(addr, "port", 0)
-
-
-def came_via_proxy(transport) -> bool:
-    """True when the connection arrived from a -trusted-proxies address (PROXY protocol).
-
-    Its remote_address() is what the proxy said (or the proxy itself), so an
-    address-based privilege (debug access) must not be granted from it.
-    """
-    return _came_via_proxy(transport)
 
 
 def tcp_transport(transport):
