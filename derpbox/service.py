@@ -20,6 +20,7 @@ from .derpmap import derpmap_resource
 from .heap import HeapService
 from .config import DEV_MESH_KEY_ENV
 from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
+from .netaddr import parse_networks
 from .admission import Admission
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
@@ -32,10 +33,10 @@ from .tls.certs import (
 from .tls.context import ServerTLS
 from .metrics import Metrics, TLSStats
 from .web.connection import FrontFactory
-from .web.debug import DebugResource, MetricsListenerResource, parse_allow_list
+from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
 from .web.port80 import build_port80_site
-from .web.proxied import ProxyProtocolFactory, parse_networks
+from .web.proxied import ProxyProtocolFactory
 
 log = Logger()
 
@@ -338,7 +339,7 @@ class DerpboxService(MultiService):
         if settings.metrics_addr:
             host, port = split_listen_addr(settings.metrics_addr)
             try:
-                allow = parse_allow_list(settings.metrics_allow)
+                allow = parse_networks(settings.metrics_allow)
             except ValueError as e:
                 raise ConfigError(f"-metrics-allow: {e}") from None
             resource = MetricsListenerResource(self.metrics, allow, healthy=lambda: self.running)

@@ -26,6 +26,7 @@ from twisted.internet.threads import deferToThread
 
 from derpbox.client import DERPClient
 from derpbox.config import ConfigError
+from derpbox.netaddr import remote_address
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameType
 from derpbox.protocol.proxy import (
@@ -40,8 +41,7 @@ from derpbox.protocol.proxy import (
     looks_like_proxy_header,
     parse_proxy_header,
 )
-from derpbox.web.connection import came_via_proxy, remote_address
-from derpbox.web.proxied import ProxyProtocolFactory
+from derpbox.web.proxied import ProxyProtocolFactory, came_via_proxy
 
 from .support import wait_for
 

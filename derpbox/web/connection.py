@@ -3,13 +3,14 @@
 The first request head decides what a connection is: a DERP upgrade (raw DERP
 frames after the head), DERP over WebSocket, or ordinary HTTP handed to the
 twisted.web site. Bytes that follow the head in the same read are DERP stream
-(fast-start clients send ClientInfo with the request).
+(fast-start clients send ClientInfo with the request). The DERP stream kinds, the
+connection objects a Peer writes to, are in derpbox.web.streams.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -18,6 +19,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ..metrics import TLSStats, tls_version_label
+from ..netaddr import remote_address
 from ..protocol.upgrade import (
     MAX_HEAD,
     HTTPHeadError,
@@ -28,57 +30,17 @@ from ..protocol.upgrade import (
     is_fast_start,
     parse_request_head,
 )
-from ..protocol.websocket import (
-    BinaryData,
-    Close,
-    CloseCode,
-    Ping,
-    WebSocketDecoder,
-    WebSocketError,
-    accept_response,
-    encode_binary,
-    encode_close,
-    encode_pong,
-    negotiated_subprotocol,
-)
+from ..protocol.websocket import CloseCode, accept_response, encode_close, negotiated_subprotocol
 from ..relay.peer import Peer
 from ..relay.relay import Relay
-from .proxied import came_via_proxy as _came_via_proxy
+from .streams import DERPStream, WebSocketStream
 
 log = Logger()
 
 # Go's server gives a request 30 s to arrive; a connection that sends nothing is closed.
 HEAD_TIMEOUT = 30.0
-# Browsers accept any size, but small messages keep every WebSocket reader happy.
-WS_CHUNK = 32 << 10
 GO_DEFAULT_KEEPALIVE = 15.0
 TRANSPORT_BUFFER = 256 << 10
-
-
-def remote_address(transport) -> tuple[str, int]:
-    """The peer's address with IPv4-mapped IPv6 unmapped, as a Go server reports it.
-
-    Behind a trusted PROXY-protocol proxy, transport.getPeer() is already the real
-    client named by the header (derpbox.web.proxied), at every layer above it.
-    """
-    addr = transport.getPeer()
-    host = getattr(addr, "host", "")
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            host = str(ip.ipv4_mapped)
-    except ValueError:
-        pass
-    return host, getattr(addr, "port", 0)
-
-
-def came_via_proxy(transport) -> bool:
-    """True when the connection arrived from a -trusted-proxies address (PROXY protocol).
-
-    Its remote_address() is what the proxy said (or the proxy itself), so an
-    address-based privilege (debug access) must not be granted from it.
-    """
-    return _came_via_proxy(transport)
 
 
 def tcp_transport(transport):
@@ -96,17 +58,22 @@ def tcp_transport(transport):
 
 @implementer(IHandshakeListener)
 class FrontConnection(Protocol):
-    # Set as instance attributes in DERP mode so the peer's writes skip a layer.
-    write = abort = close = pause_reading = resume_reading = None
+    """The front door: reads the first request head and hands the connection on.
+
+    After the head, every read goes straight to ``_receive``: the twisted.web
+    channel's dataReceived, Peer.feed (raw DERP) or the WebSocket stream's decoder.
+    """
+
     # The negotiated TLS version label ("1.3"), once the handshake completed.
     tls_version: str | None = None
 
     def __init__(self, factory: FrontFactory):
         self.factory = factory
         self._buf = b""
+        self._receive: Callable[[bytes], None] | None = None
         self._peer: Peer | None = None
+        self._stream: DERPStream | WebSocketStream | None = None
         self._web = None
-        self._ws: WebSocketDecoder | None = None
         self._timer = None
 
     def connectionMade(self) -> None:
@@ -137,13 +104,9 @@ class FrontConnection(Protocol):
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._peer is not None:
-            if self._ws is None:
-                self._peer.feed(data)
-            else:
-                self._ws_received(data)
-        elif self._web is not None:
-            self._web.dataReceived(data)
+        receive = self._receive
+        if receive is not None:
+            receive(data)
         else:
             self._head_received(data)
 
@@ -158,12 +121,12 @@ class FrontConnection(Protocol):
         if self._peer is not None:
             self._peer.connection_lost()
             self.transport.unregisterProducer()
+            self._stream.detach()
         elif self._web is not None:
             self._web.connectionLost(reason)
         # Break our reference cycles so reference counting frees the connection
         # (derpbox.heap keeps long-lived objects out of the cyclic GC's reach).
-        self._peer = self._web = self._ws = None
-        self.write = self.abort = self.close = self.pause_reading = self.resume_reading = None
+        self._receive = self._peer = self._stream = self._web = None
 
     # -- the first request ------------------------------------------------
 
@@ -194,22 +157,9 @@ class FrontConnection(Protocol):
     def _to_web(self, buf: bytes) -> None:
         channel = self.factory.site.buildProtocol(self.transport.getPeer())
         self._web = channel
+        self._receive = channel.dataReceived
         channel.makeConnection(self.transport)
         channel.dataReceived(buf)
-
-    def _start_derp(self, head, rest: bytes) -> None:
-        factory = self.factory
-        stats = factory.relay.stats
-        stats.accepts += 1
-        if is_fast_start(head):
-            stats.fast_start_upgrades += 1
-        else:
-            self.transport.write(derp_switching_response(factory.relay.public_key))
-        transport = self.transport
-        self.write = transport.write
-        self.abort = transport.abortConnection
-        self.close = self._close_stream
-        self._begin(head, rest)
 
     def _refuse(self, e: HTTPHeadError) -> None:
         # Scanners send the same junk over and over: one line per reason and minute.
@@ -219,6 +169,15 @@ class FrontConnection(Protocol):
         self.transport.write(error_response(e.status, e.reason, e.headers))
         self.transport.loseConnection()
         self._buf = b""
+
+    def _start_derp(self, head, rest: bytes) -> None:
+        stats = self.factory.relay.stats
+        stats.accepts += 1
+        if is_fast_start(head):
+            stats.fast_start_upgrades += 1
+        else:
+            self.transport.write(derp_switching_response(self.factory.relay.public_key))
+        self._accept(head, DERPStream(self.transport), rest)
 
     def _start_websocket(self, head, rest: bytes) -> None:
         try:
@@ -235,60 +194,19 @@ class FrontConnection(Protocol):
         stats.accepts += 1
         stats.websocket_accepts += 1
         self.transport.write(response)
-        self._ws = WebSocketDecoder()
-        transport = self.transport
-        self.write = self._ws_write
-        self.abort = transport.abortConnection
-        self.close = self._ws_close
-        self._begin(head, b"")
-        if rest:
-            self._ws_received(rest)
+        self._accept(head, WebSocketStream(self.transport), rest)
 
-    def _begin(self, head, rest: bytes) -> None:
-        self.pause_reading = self.transport.pauseProducing
-        self.resume_reading = self.transport.resumeProducing
-        peer = Peer(self.factory.relay, self, remote_address(self.transport), not_ideal=ideal_node(head) is not None)
+    def _accept(self, head, stream: DERPStream | WebSocketStream, rest: bytes) -> None:
+        """Wire a peer to *stream*: the transport's push producer, fed every later read."""
+        transport = self.transport
+        peer = Peer(self.factory.relay, stream, remote_address(transport), not_ideal=ideal_node(head) is not None)
         self._peer = peer
-        self.transport.registerProducer(peer, True)
+        self._stream = stream
+        self._receive = receive = stream.attach(peer)
+        transport.registerProducer(peer, True)
         peer.start()
         if rest:
-            peer.feed(rest)
-
-    # -- DERP over WebSocket ----------------------------------------------
-
-    def _ws_write(self, data: bytes) -> None:
-        write = self.transport.write
-        for i in range(0, len(data), WS_CHUNK):
-            write(encode_binary(data[i : i + WS_CHUNK]))
-
-    def _close_stream(self) -> None:
-        # While a producer is registered, Twisted's TLS transport postpones the
-        # close_notify (and so the close) until it unregisters.
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
-
-    def _ws_close(self) -> None:
-        self.transport.write(encode_close(1000, ""))
-        self._close_stream()
-
-    def _ws_received(self, data: bytes) -> None:
-        try:
-            events = self._ws.feed(data)
-        except WebSocketError as e:
-            log.info("{peer}: WebSocket error {code}: {reason}", peer=self._peer, code=e.code, reason=e.reason)
-            self.transport.write(encode_close(e.code, e.reason))
-            self._peer.fail(f"WebSocket error {e.code}: {e.reason}")
-            return
-        peer = self._peer
-        for event in events:
-            if isinstance(event, BinaryData):
-                peer.feed(event.data)
-            elif isinstance(event, Ping):
-                self.transport.write(encode_pong(event.payload))
-            elif isinstance(event, Close):
-                self._ws_close()
-                peer.connection_lost()
-                return
+            receive(rest)
 
 
 class FrontFactory(Factory):

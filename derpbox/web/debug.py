@@ -26,8 +26,9 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from ..metrics import CONTENT_TYPE, Metrics
-from .connection import came_via_proxy, remote_address
+from ..netaddr import in_networks, parse_ip, remote_address
 from .endpoints import BROWSER_HEADERS, http_error, reply
+from .proxied import came_via_proxy
 
 __all__ = ["DEBUG_CSP", "DebugResource", "debug_allowed", "ip_debug_allowed", "request_remote_ip"]
 
@@ -43,27 +44,18 @@ def request_remote_ip(request: server.Request) -> str:
     return remote_address(request.channel.transport)[0]
 
 
-def _parse_ip(text: str):
-    try:
-        return ipaddress.ip_address(text.strip().split("%", 1)[0])
-    except ValueError:
-        return None
-
-
 def ip_debug_allowed(ip_text: str, environ=os.environ) -> bool:
     """The address half of the rule (the caller checks X-Forwarded-For)."""
-    ip = _parse_ip(ip_text)
+    ip = parse_ip(ip_text)
     if ip is None:
         return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     if ip.is_loopback:
         return True
     if ip.version == 4 and ip in _TAILSCALE_V4 and ip not in _CHROMEOS_V4:
         return True
     if ip.version == 6 and ip in _TAILSCALE_V6:
         return True
-    allow = _parse_ip(environ.get("TS_ALLOW_DEBUG_IP", ""))
+    allow = parse_ip(environ.get("TS_ALLOW_DEBUG_IP", ""))
     if allow is not None and allow == ip:
         return True
     for cidr in environ.get("TS_DEBUG_TRUSTED_CIDRS", "").split(","):
@@ -186,16 +178,6 @@ class DebugResource(Resource):
         return reply(request, b"derp.Server ConsistencyCheck okay")
 
 
-def parse_allow_list(entries) -> list:
-    """CIDRs or single IPs (as in -metrics-allow) as ip_network objects."""
-    nets = []
-    for entry in entries:
-        entry = entry.strip()
-        if entry:
-            nets.append(ipaddress.ip_network(entry, strict=False))
-    return nets
-
-
 class MetricsListenerResource(Resource):
     """The separate metrics listener: `/metrics` and `/healthz`, nothing else.
 
@@ -211,12 +193,7 @@ class MetricsListenerResource(Resource):
         self.healthy = healthy
 
     def allowed(self, ip_text: str) -> bool:
-        ip = _parse_ip(ip_text)
-        if ip is None:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.allow)
+        return in_networks(parse_ip(ip_text), self.allow)
 
     def render(self, request: server.Request) -> bytes:
         if not self.allowed(request_remote_ip(request)):

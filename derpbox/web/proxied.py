@@ -16,7 +16,7 @@ Per connection, by the TCP peer's address:
   mode a connection without a header is passed through unchanged.
 
 ``getPeer()`` returns the client address from the header (IPv4Address/IPv6Address),
-so TLS, ``remote_address()`` and twisted.web above all see the real client;
+so TLS, ``derpbox.netaddr.remote_address()`` and twisted.web above all see the real client;
 ``getHost()`` is the listener's address as before. ``via_proxy`` is True for every
 connection whose TCP peer is a trusted proxy (with a header or not): such a
 connection's address never grants address-based debug access (see debug.py).
@@ -33,6 +33,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
 from ..logs import LogThrottle
+from ..netaddr import in_networks, parse_ip
 from ..protocol.proxy import (
     ProxyHeader,
     ProxyHeaderError,
@@ -40,35 +41,11 @@ from ..protocol.proxy import (
     parse_proxy_header,
 )
 
-__all__ = ["HEADER_TIMEOUT", "ProxyProtocolFactory", "ProxyProtocolWrapper", "came_via_proxy", "parse_networks"]
+__all__ = ["HEADER_TIMEOUT", "ProxyProtocolFactory", "ProxyProtocolWrapper", "came_via_proxy"]
 
 log = Logger()
 
 HEADER_TIMEOUT = 5.0
-
-
-def parse_networks(entries) -> tuple:
-    """IPs or CIDRs (as -trusted-proxies) as ip_network objects; ValueError names a bad one."""
-    nets = []
-    for entry in entries:
-        entry = entry.strip()
-        if not entry:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
-    return tuple(nets)
-
-
-def _ip(host: str):
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip
 
 
 def _address(source: tuple[str, int]):
@@ -113,10 +90,10 @@ class ProxyProtocolWrapper(ProtocolWrapper):
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        ip = _ip(getattr(peer, "host", ""))
+        ip = parse_ip(getattr(peer, "host", ""))
         self._tcp_ip = str(ip) if ip is not None else getattr(peer, "host", "")
         factory = self.factory
-        if ip is not None and any(ip.version == n.version and ip in n for n in factory.trusted):
+        if in_networks(ip, factory.trusted):
             self.via_proxy = True
             self._state = "parse"
             self._timer = factory.clock.callLater(factory.timeout, self._header_timeout)
@@ -237,6 +214,7 @@ class ProxyProtocolFactory(WrappingFactory):
             for n in trusted_networks
         )
         if clock is None:
+            # Imported late so that importing this module never installs a reactor.
             from twisted.internet import reactor as clock
         self.clock = clock
         self.timeout = timeout

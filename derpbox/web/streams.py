@@ -1,0 +1,120 @@
+"""The two ways a DERP stream rides a connection, each the ``Conn`` its Peer writes to.
+
+``DERPStream`` carries frames as they are, after an upgrade head; ``WebSocketStream``
+carries them in binary WebSocket messages. The front door (derpbox.web.connection)
+builds one after the head, then calls ``attach(peer)``, which returns the function
+that takes the connection's further bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from ..protocol.websocket import (
+    BinaryData,
+    Close,
+    Ping,
+    WebSocketDecoder,
+    WebSocketError,
+    encode_binary,
+    encode_close,
+    encode_pong,
+)
+from ..relay.peer import Peer
+
+__all__ = ["DERPStream", "WebSocketStream", "WS_CHUNK"]
+
+log = Logger()
+
+# Browsers accept any size, but small messages keep every WebSocket reader happy.
+WS_CHUNK = 32 << 10
+
+
+class _Stream:
+    """What both stream kinds do the same way: abort, flow control, orderly close."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def close(self) -> None:
+        # While a producer is registered, Twisted's TLS transport postpones the
+        # close_notify (and so the close) until it unregisters.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def detach(self) -> None:
+        """The connection is gone: drop any reference back to the peer."""
+
+
+class DERPStream(_Stream):
+    """DERP frames straight on the transport, after the upgrade head."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, transport):
+        super().__init__(transport)
+        # The transport's own method, so a peer's write is transport.write with no layer between.
+        self.write = transport.write
+
+    def attach(self, peer: Peer) -> Callable[[bytes], None]:
+        return peer.feed
+
+
+class WebSocketStream(_Stream):
+    """DERP frames in binary WebSocket messages (the "derp" subprotocol)."""
+
+    __slots__ = ("_decoder", "_peer")
+
+    def __init__(self, transport):
+        super().__init__(transport)
+        self._decoder = WebSocketDecoder()
+        self._peer: Peer | None = None
+
+    def attach(self, peer: Peer) -> Callable[[bytes], None]:
+        self._peer = peer
+        return self.data_received
+
+    def detach(self) -> None:
+        # The peer holds this stream as its conn: a cycle refcounting alone cannot free.
+        self._peer = None
+
+    def write(self, data: bytes) -> None:
+        write = self.transport.write
+        for i in range(0, len(data), WS_CHUNK):
+            write(encode_binary(data[i : i + WS_CHUNK]))
+
+    def close(self) -> None:
+        self.transport.write(encode_close(1000, ""))
+        super().close()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self._peer
+        try:
+            events = self._decoder.feed(data)
+        except WebSocketError as e:
+            log.info("{peer}: WebSocket error {code}: {reason}", peer=peer, code=e.code, reason=e.reason)
+            self.transport.write(encode_close(e.code, e.reason))
+            peer.fail(f"WebSocket error {e.code}: {e.reason}")
+            return
+        for event in events:
+            if isinstance(event, BinaryData):
+                peer.feed(event.data)
+            elif isinstance(event, Ping):
+                self.transport.write(encode_pong(event.payload))
+            elif isinstance(event, Close):
+                self.close()
+                peer.connection_lost()
+                return

@@ -1,0 +1,146 @@
+"""derpbox.web.streams: the connection objects a Peer writes to, raw and over WebSocket."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import pytest_twisted
+from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
+
+from derpbox.protocol.websocket import (
+    BinaryData,
+    Close,
+    Opcode,
+    Pong,
+    WebSocketDecoder,
+    encode_frame,
+    encode_masked_binary,
+)
+from derpbox.relay.peer import Peer
+from derpbox.web.streams import WS_CHUNK, DERPStream, WebSocketStream
+
+from .test_server import relay_roundtrip, wait_for
+
+
+class FakePeer:
+    def __init__(self):
+        self.fed = []
+        self.failed = None
+        self.lost = False
+
+    def feed(self, data):
+        self.fed.append(data)
+
+    def fail(self, reason):
+        self.failed = reason
+
+    def connection_lost(self):
+        self.lost = True
+
+
+class RecordingTransport(StringTransport):
+    """A transport that also records the order of producer and close calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        # As after the front door wired a peer: the peer is the push producer.
+        self.registerProducer(FakePeer(), True)
+
+    def unregisterProducer(self):
+        self.calls.append("unregisterProducer")
+        super().unregisterProducer()
+
+    def loseConnection(self):
+        self.calls.append("loseConnection")
+        super().loseConnection()
+
+
+def server_messages(data: bytes) -> list:
+    return WebSocketDecoder(client=True).feed(data)
+
+
+def test_derp_stream_writes_with_the_transports_own_method():
+    # The hot path: a peer's write must be transport.write itself, with no layer between.
+    transport = StringTransport()
+    stream = DERPStream(transport)
+    assert stream.write == transport.write
+    peer = FakePeer()
+    assert stream.attach(peer) == peer.feed
+
+
+def test_derp_stream_close_unregisters_the_producer_before_closing():
+    # Twisted's TLS transport postpones close_notify while a producer is registered.
+    transport = RecordingTransport()
+    DERPStream(transport).close()
+    assert transport.calls == ["unregisterProducer", "loseConnection"]
+
+
+def test_websocket_stream_writes_binary_messages_of_at_most_ws_chunk():
+    transport = StringTransport()
+    data = bytes(range(256)) * ((2 * WS_CHUNK + 100) // 256 + 1)
+    WebSocketStream(transport).write(data)
+    messages = server_messages(transport.value())
+    assert all(isinstance(m, BinaryData) and len(m.data) <= WS_CHUNK for m in messages)
+    assert len(messages) == 3 and b"".join(m.data for m in messages) == data
+
+
+def test_websocket_stream_feeds_binary_messages_to_the_peer():
+    transport = StringTransport()
+    stream = WebSocketStream(transport)
+    peer = FakePeer()
+    receive = stream.attach(peer)
+    receive(encode_masked_binary(b"frame one") + encode_masked_binary(b"frame two"))
+    assert peer.fed == [b"frame one", b"frame two"]
+
+
+def test_websocket_stream_answers_ping_and_close():
+    transport = RecordingTransport()
+    stream = WebSocketStream(transport)
+    peer = FakePeer()
+    receive = stream.attach(peer)
+    mask = b"\x01\x02\x03\x04"
+    receive(encode_frame(Opcode.PING, b"hi", mask=mask) + encode_frame(Opcode.CLOSE, b"\x03\xe8", mask=mask))
+    pong, close = server_messages(transport.value())
+    assert isinstance(pong, Pong) and pong.payload == b"hi"
+    assert isinstance(close, Close) and close.code == 1000
+    assert peer.lost and transport.calls == ["unregisterProducer", "loseConnection"]
+
+
+def test_websocket_stream_close_sends_1000_then_closes_like_the_raw_stream():
+    transport = RecordingTransport()
+    WebSocketStream(transport).close()
+    [close] = server_messages(transport.value())
+    assert isinstance(close, Close) and close.code == 1000
+    assert transport.calls == ["unregisterProducer", "loseConnection"]
+
+
+def test_websocket_stream_error_fails_the_peer():
+    transport = StringTransport()
+    stream = WebSocketStream(transport)
+    peer = FakePeer()
+    stream.attach(peer)(b"\x82\x01x")  # unmasked client frame
+    assert peer.failed.startswith("WebSocket error 1002")
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["derp", "websocket"])
+@pytest_twisted.inlineCallbacks
+def test_closed_peers_and_streams_are_freed_without_cyclic_gc(start_server, websocket):
+    """A WebSocket stream and its peer refer to each other; the close must break that."""
+    server = yield start_server()
+
+    def left():
+        # derpbox.heap freezes objects every few seconds; frozen ones are not listed.
+        gc.unfreeze()
+        return [o for o in gc.get_objects() if isinstance(o, (Peer, DERPStream, WebSocketStream))]
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield deferToThread(relay_roundtrip, server.url, 3, websocket=websocket)
+        yield wait_for(lambda: server.stats.current_connections == 0)
+        yield wait_for(lambda: not left(), timeout=2)
+    finally:
+        gc.enable()
