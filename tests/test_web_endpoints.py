@@ -9,11 +9,15 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 import pytest_twisted
+from nacl.public import PrivateKey
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 
+from derpbox.metrics import Metrics
+from derpbox.relay.relay import Relay
+from derpbox.web.debug import DebugResource
 from derpbox.web.endpoints import BROWSER_HEADERS, build_main_site
 from derpbox.web.port80 import build_port80_site
 
@@ -467,13 +471,7 @@ async def test_port80_missing_host(port80):
 
 @pytest.fixture
 def debug_sites(serve):
-    from types import SimpleNamespace
-
-    from derpbox.metrics import Metrics
-    from derpbox.relay.metrics import RelayStats
-    from derpbox.web.debug import DebugResource
-
-    relay = SimpleNamespace(stats=RelayStats(), peers=lambda: iter(()), check_consistency=lambda: [])
+    relay = Relay(PrivateKey.generate(), reactor)
     debug = DebugResource(Metrics(relay), hostname="derp.example.com", environ={})
     site = build_main_site(derp_enabled=True, home="", hostname="derp.example.com", debug=debug)
     return serve(site), serve(build_port80_site(main_resource=site.resource, environ={}))

@@ -26,7 +26,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from ..metrics import CONTENT_TYPE, Metrics
-from ..netaddr import in_networks, parse_ip, remote_address
+from ..netaddr import in_networks, ip_version, parse_ip, remote_address
 from .endpoints import BROWSER_HEADERS, http_error, reply
 from .proxied import came_via_proxy
 
@@ -55,8 +55,9 @@ def ip_debug_allowed(ip_text: str, environ=os.environ) -> bool:
         return True
     if ip.version == 6 and ip in _TAILSCALE_V6:
         return True
-    allow = parse_ip(environ.get("TS_ALLOW_DEBUG_IP", ""))
-    if allow is not None and allow == ip:
+    # As derper, the one address exactly as written: a mapped IPv6 form matches no IPv4 client.
+    allow = environ.get("TS_ALLOW_DEBUG_IP", "").strip()
+    if ip_version(allow) and ipaddress.ip_address(allow) == ip:
         return True
     for cidr in environ.get("TS_DEBUG_TRUSTED_CIDRS", "").split(","):
         cidr = cidr.strip()
