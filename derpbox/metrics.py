@@ -188,10 +188,10 @@ class Metrics:
         fds = open_fds()
 
         fams += declared(s, s.METRICS)
-        keys = relay.client_keys()
-        fams.append(Family("derp_clients_total", "gauge", "Distinct client keys connected, region-wide.").add(keys))
-        fams.append(Family("derp_clients_local", "gauge", "Distinct client keys connected to this node.").add(keys))
-        fams.append(Family("derp_clients_remote", "gauge", "Distinct client keys connected via mesh peers.").add(0))
+        local, remote = relay.client_counts()
+        fams.append(Family("derp_clients_total", "gauge", "Distinct client keys connected, region-wide.").add(local + remote))
+        fams.append(Family("derp_clients_local", "gauge", "Distinct client keys connected to this node.").add(local))
+        fams.append(Family("derp_clients_remote", "gauge", "Distinct client keys connected only via mesh peers.").add(remote))
         fams.append(Family("derp_current_file_descriptors", "gauge", "Open file descriptors of the process.").add(fds))
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)

@@ -229,7 +229,7 @@ def test_exposition_escapes_label_values():
     stats = TLSStats()
     stats.handshake('we"ird\\ver\nsion')
     relay = SimpleNamespace(stats=RelayStats(),
-                            peers=lambda: iter(()), client_keys=lambda: 0)
+                            peers=lambda: iter(()), client_counts=lambda: (0, 0))
     text = Metrics(relay, tls_stats=stats).exposition()
     assert b'derper_tls_request_version{version="we\\"ird\\\\ver\\nsion"} 1\n' in text
     if os.path.exists(PROMTOOL):
@@ -356,7 +356,7 @@ def _dummy_debug_request(path: bytes, peer: str, args=None, headers=None):
 
 def _debug_resource(environ, problems=()):
     relay = SimpleNamespace(stats=RelayStats(),
-                            peers=lambda: iter(()), client_keys=lambda: 0, check_consistency=lambda: list(problems))
+                            peers=lambda: iter(()), client_counts=lambda: (0, 0), check_consistency=lambda: list(problems))
     return DebugResource(Metrics(relay), hostname="derp.example.com", environ=environ)
 
 

@@ -1,5 +1,8 @@
 """The relay core without sockets: routing, duplicates, PeerGone, queues, timers."""
 
+import gc
+import sys
+
 import pytest
 from nacl.public import PrivateKey
 from twisted.internet.defer import Deferred
@@ -453,3 +456,106 @@ def test_watcher_hears_of_a_later_client_at_once():
     peer.feed(client_info_frame(later, relay.public_key, {}))
     (_, payload), = cm.take(FrameType.PEER_PRESENT)
     assert F.parse_peer_present(payload)[0] == pub(later)
+
+
+class RecordingForwarder:
+    """A mesh link as the relay sees it: records what it is asked to forward."""
+
+    def __init__(self, name):
+        self.name = name
+        self.forwarded = []
+
+    def forward_packet(self, src, dst, packet, disco):
+        self.forwarded.append((src, dst, bytes(packet), disco))
+
+
+def test_forward_to_a_key_known_only_through_the_mesh(relay):
+    a, ca, ka = connect(relay)
+    remote = pub(PrivateKey.generate())
+    m1, m2 = RecordingForwarder("m1"), RecordingForwarder("m2")
+    relay.add_forwarder(remote, m1)
+    relay.add_forwarder(remote, m2)
+    assert relay.stats.multiforwarder_created == 1
+    send(a, remote, b"via the mesh")
+    send(a, remote, DISCO)
+    assert m1.forwarded == [(pub(ka), remote, b"via the mesh", False), (pub(ka), remote, DISCO, True)]
+    assert m2.forwarded == [] and relay.stats.packets_forwarded_out == 2
+    assert relay.client_counts() == (1, 1)
+    # The first forwarder goes: the other one takes over.
+    relay.remove_forwarder(remote, m1)
+    assert relay.stats.multiforwarder_deleted == 1
+    send(a, remote, b"second")
+    assert m2.forwarded == [(pub(ka), remote, b"second", False)]
+    relay.remove_forwarder(remote, m1)
+    assert relay.stats.packet_forwarder_delete_other_value == 1
+    relay.remove_forwarder(remote, m2)
+    send(a, remote, b"nowhere")
+    assert relay.stats.dropped_packets[("unknown_dest", "other")] == 1
+    assert relay.client_counts() == (1, 0) and relay.check_consistency() == []
+
+
+def test_a_local_connection_wins_over_a_forwarder(relay):
+    a, ca, ka = connect(relay)
+    b, cb, kb = connect(relay)
+    fwd = RecordingForwarder("m")
+    relay.add_forwarder(pub(kb), fwd)
+    send(a, pub(kb), b"local")
+    assert cb.take() == [(FrameType.RECV_PACKET, pub(ka) + b"local")] and fwd.forwarded == []
+    send(b, pub(ka), b"reply")
+    assert ca.take() == [(FrameType.RECV_PACKET, pub(kb) + b"reply")]
+    # b leaves this node but is still in the region: a is not told it is gone.
+    b.connection_lost()
+    send(a, pub(kb), b"remote now")
+    assert fwd.forwarded == [(pub(ka), pub(kb), b"remote now", False)]
+    relay.flush()
+    assert ca.take(FrameType.PEER_GONE) == []
+    relay.remove_forwarder(pub(kb), fwd)
+    relay.flush()
+    assert ca.take(FrameType.PEER_GONE) == [(FrameType.PEER_GONE, pub(kb) + b"\x00")]
+    assert relay.check_consistency() == []
+
+
+def mesh_peer(relay, mesh_key):
+    m, cm, km = connect(relay, info={"meshKey": mesh_key.hex()})
+    return m, cm
+
+
+def test_forwarded_in_sender_leaving_the_region_sends_peer_gone():
+    mesh_key = bytes(range(32))
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh_key)
+    m, cm = mesh_peer(relay, mesh_key)
+    c, cc, kc = connect(relay)
+    remote = pub(PrivateKey.generate())
+    link = RecordingForwarder("peer")
+    relay.add_forwarder(remote, link)
+    m.feed(F.forward_packet_frame(remote, pub(kc), b"from afar"))
+    assert cc.take() == [(FrameType.RECV_PACKET, remote + b"from afar")]
+    relay.remove_forwarder(remote, link)
+    relay.flush()
+    assert cc.take() == [(FrameType.PEER_GONE, remote + b"\x00")]
+    assert relay.stats.peer_gone_disconnected_frames == 1
+
+
+def test_forwarded_in_to_duplicates_without_an_active_one_is_dup_client():
+    mesh_key = bytes(range(32))
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh_key)
+    m, cm = mesh_peer(relay, mesh_key)
+    key = PrivateKey.generate()
+    first, _, _ = connect(relay, key)
+    second, _, _ = connect(relay, key)
+    third, _, _ = connect(relay, key)
+    third.connection_lost()  # the active one leaves; neither of the others has spoken
+    m.feed(F.forward_packet_frame(bytes(32), pub(key), DISCO))
+    assert relay.stats.dropped_packets[("dup_client", "disco")] == 1
+    assert cm.take(FrameType.PEER_GONE) == []
+
+
+def test_a_closed_receiver_is_not_kept_by_the_sender_record(relay):
+    a, ca, ka = connect(relay)
+    b, cb, kb = connect(relay)
+    send(a, pub(kb), b"hello")
+    b.connection_lost()
+    gc.collect()
+    # Nothing but this test's frame refers to the closed connection.
+    assert [r for r in gc.get_referrers(b) if r is not sys._getframe()] == []
+    assert relay.check_consistency() == []

@@ -1,9 +1,13 @@
-"""One record per client key (Go's ``clientSet``): its connections and who it sent to.
+"""One record per client key known in the region: local connections, mesh forwarders,
+and the local connections that received packets from the key.
 
-A key connected once has one connection, which is active. A key connected more
+A key connected here once has one connection, which is active. A key connected more
 than once (spec 1.8, "last writer is active") remembers which duplicates have sent
 since, most recent last: the most recent sender is active, and while none of them
-has spoken since the active one left, none is.
+has spoken since the active one left, none is. A key connected to other nodes of the
+region is reachable through the mesh peers that announced it, the first one
+preferred (spec 1.10); a local connection always wins. The record lives while the
+key has a local connection or a forwarder.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class ClientSet:
-    __slots__ = ("conns", "active", "senders", "sent_to")
+    __slots__ = ("conns", "active", "senders", "forwarders", "receivers")
 
     def __init__(self) -> None:
         # Every connection of the key, oldest first.
@@ -24,11 +28,14 @@ class ClientSet:
         self.active: Peer | None = None
         # With duplicates: the connections that have sent since, most recent last; else None.
         self.senders: list[Peer] | None = None
-        # Destination key -> the connection it was delivered to, for PeerGone when this key leaves.
-        self.sent_to: dict[bytes, Peer] = {}
+        # Mesh links that announced the key, first seen first (the one used).
+        self.forwarders: list = []
+        # Local connections that received packets from the key: they get PeerGone
+        # when it leaves the region. An ordered set: dict keys, values unused.
+        self.receivers: dict[Peer, None] = {}
 
     def __repr__(self) -> str:
-        return f"<ClientSet conns={len(self.conns)} dup={self.senders is not None}>"
+        return f"<ClientSet conns={len(self.conns)} dup={self.senders is not None} fwd={len(self.forwarders)}>"
 
     def add(self, peer: Peer) -> None:
         """A new connection of the key: it becomes active (the newest connection wins)."""
@@ -68,19 +75,14 @@ class ClientSet:
     def duplicated(self) -> bool:
         return self.senders is not None
 
-    def forget_sent_to(self) -> list[Peer]:
-        """The connections this key sent to, cleared: two keys that sent to each other
-        would otherwise keep each other's records (and connections) alive in a cycle."""
-        receivers = list(self.sent_to.values())
-        self.sent_to.clear()
-        return receivers
-
     def problems(self, key: bytes) -> list[str]:
         """Broken invariants of this record, for the relay's consistency check."""
         name = key.hex()[:8]
         out = []
-        if not self.conns:
-            out.append(f"record for {name} has no connections")
+        if not self.conns and not self.forwarders:
+            out.append(f"record for {name} has neither a connection nor a forwarder")
+        if len(set(map(id, self.forwarders))) != len(self.forwarders):
+            out.append(f"a forwarder of {name} is listed twice")
         if self.active is not None and self.active not in self.conns:
             out.append(f"active connection for {name} is not registered")
         if (len(self.conns) > 1) != (self.senders is not None):

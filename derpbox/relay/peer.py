@@ -81,6 +81,7 @@ class Peer:
         "data_q",
         "ctrl",
         "pong",
+        "heard_from",
         "_handshake_buf",
         "_held",
         "_reader",
@@ -109,6 +110,9 @@ class Peer:
         self.data_q = []
         self.ctrl = []
         self.pong = None
+        # Keys this connection received packets from (None until the first): the relay
+        # tells it PeerGone when one leaves the region, and forgets it when it closes.
+        self.heard_from = None
         self._handshake_buf = b""
         self._held = b""
         self._reader = None
@@ -316,6 +320,15 @@ class Peer:
         if not self.dirty:
             self.dirty = True
             self.relay.needs_flush(self)
+
+    def note_heard_from(self, key: bytes) -> None:
+        if self.heard_from is None:
+            self.heard_from = set()
+        self.heard_from.add(key)
+
+    def forget_heard_from(self, key: bytes) -> None:
+        if self.heard_from is not None:
+            self.heard_from.discard(key)
 
     def send_control(self, frame: bytes) -> None:
         """Queue a frame that is never dropped (PeerGone, PeerPresent, KeepAlive)."""

@@ -128,28 +128,36 @@ class Relay:
             self._watchers.remove(peer)
             stats.watchers -= 1
         peer.drop_queued()
-        record = self._clients[key]
+        clients = self._clients
+        for src_key in peer.heard_from or ():
+            src = clients.get(src_key)
+            if src is not None:
+                src.receivers.pop(peer, None)
+        record = clients[key]
         n = len(record.conns)
         record.remove(peer)
-        if n == 1:
-            del self._clients[key]
-            self._gone(key, record)
-        elif n == 2:
-            stats.current_dup_client_keys -= 1
-            stats.current_dup_client_conns -= 2
-        else:
-            stats.current_dup_client_conns -= 1
-
-    def _gone(self, key: bytes, record: ClientSet) -> None:
-        """The last connection of ``key`` left: tell those it sent to, and watchers."""
-        receivers = record.forget_sent_to()
-        if self._restarting:
+        if n > 1:
+            if n == 2:
+                stats.current_dup_client_keys -= 1
+                stats.current_dup_client_conns -= 2
+            else:
+                stats.current_dup_client_conns -= 1
             return
+        if not record.forwarders:
+            del clients[key]
+            self._gone_from_region(key, record)
+        if not self._restarting:
+            # Watchers hear of every local departure; the key may still be reachable elsewhere.
+            for watcher in self._watchers:
+                watcher.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
+
+    def _gone_from_region(self, key: bytes, record: ClientSet) -> None:
+        """``key`` has neither a local connection nor a forwarder: tell those that heard from it."""
+        receivers, record.receivers = record.receivers, {}
         for dst in receivers:
-            if dst.state == ACTIVE:
+            dst.forget_heard_from(key)
+            if dst.state == ACTIVE and not self._restarting:
                 dst.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
-        for watcher in self._watchers:
-            watcher.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
 
     # -- routing (the hot path) ------------------------------------------
 
@@ -168,20 +176,33 @@ class Relay:
         record = clients.get(dst_key)
         dst = record.active if record is not None else None
         if dst is None:
-            if record is not None:
-                stats.drop("dup_client", disco, size)
-                return
-            stats.drop("unknown_dest", disco, size)
-            if disco and src.not_here_allowed():
-                src.send_peer_gone(dst_key, PeerGoneReason.NOT_HERE)
+            self._no_local_route(src, record, dst_key, payload, disco, size)
             return
         if dst.state != ACTIVE:
             stats.drop("gone_disconnected", disco, size)
             return
-        sent_to = clients[src.key].sent_to
-        if sent_to.get(dst_key) is not dst:
-            sent_to[dst_key] = dst
-        dst.enqueue_packet(_recv_header(_RECV, len(payload), src.key) + payload[KEY_LEN:], disco)
+        src_key = src.key
+        receivers = clients[src_key].receivers
+        if dst not in receivers:
+            receivers[dst] = None
+            dst.note_heard_from(src_key)
+        dst.enqueue_packet(_recv_header(_RECV, len(payload), src_key) + payload[KEY_LEN:], disco)
+
+    def _no_local_route(self, src: Peer, record: ClientSet | None, dst_key: bytes, payload: memoryview,
+                        disco: bool, size: int) -> None:
+        """No active local connection for the destination: forward through the mesh, or drop."""
+        stats = self.stats
+        if record is not None:
+            if record.conns:
+                # Duplicates of which none has spoken since the active one left.
+                stats.drop("dup_client", disco, size)
+                return
+            stats.packets_forwarded_out += 1
+            record.forwarders[0].forward_packet(src.key, dst_key, payload[KEY_LEN:], disco)
+            return
+        stats.drop("unknown_dest", disco, size)
+        if disco and src.not_here_allowed():
+            src.send_peer_gone(dst_key, PeerGoneReason.NOT_HERE)
 
     def needs_flush(self, peer: Peer) -> None:
         """``peer`` has output queued; it is written at the next ``flush``."""
@@ -222,15 +243,53 @@ class Relay:
         packet = payload[2 * KEY_LEN :]
         disco = len(packet) >= DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC
         stats.packets_forwarded_in += 1
-        record = self._clients.get(dst_key)
+        clients = self._clients
+        record = clients.get(dst_key)
         dst = record.active if record is not None else None
         if dst is None or dst.state != ACTIVE:
+            if record is not None and len(record.conns) > 1:
+                stats.drop("dup_client", disco, len(packet))
+                return
             stats.drop("unknown_dest_on_fwd", disco, len(packet))
-            # NotHere goes to the mesh peer that forwarded it, not the origin.
+            # NotHere goes to the mesh peer that forwarded it, which drops its stale forwarder.
             if disco and mesh_peer.not_here_allowed():
                 mesh_peer.send_peer_gone(dst_key, PeerGoneReason.NOT_HERE)
             return
+        # Forwarded packets count too: the receiver hears when the sender leaves the region.
+        src = clients.get(src_key)
+        if src is not None and dst not in src.receivers:
+            src.receivers[dst] = None
+            dst.note_heard_from(src_key)
         dst.enqueue_packet(_recv_header(_RECV, KEY_LEN + len(packet), src_key) + packet, disco)
+
+    # -- forwarders: keys reachable through mesh peers ----------------------
+
+    def add_forwarder(self, key: bytes, forwarder) -> None:
+        """A mesh peer announced ``key`` (PeerPresent); the first one to announce it is used."""
+        record = self._clients.get(key)
+        if record is None:
+            record = self._clients[key] = ClientSet()
+        forwarders = record.forwarders
+        if forwarder in forwarders:
+            return
+        forwarders.append(forwarder)
+        if len(forwarders) == 2:
+            self.stats.multiforwarder_created += 1
+
+    def remove_forwarder(self, key: bytes, forwarder) -> None:
+        """A mesh peer no longer has ``key`` (PeerGone, or its link broke)."""
+        record = self._clients.get(key)
+        if record is None or forwarder not in record.forwarders:
+            # A stale or repeated notice: harmless, counted as derper does.
+            self.stats.packet_forwarder_delete_other_value += 1
+            return
+        forwarders = record.forwarders
+        forwarders.remove(forwarder)
+        if len(forwarders) == 1:
+            self.stats.multiforwarder_deleted += 1
+        if not forwarders and not record.conns:
+            del self._clients[key]
+            self._gone_from_region(key, record)
 
     def _watch(self, peer: Peer) -> None:
         if peer.key == self.public_key or peer in self._watchers:
@@ -276,9 +335,15 @@ class Relay:
         record = self._clients.get(key)
         return record.active if record is not None else None
 
-    def client_keys(self) -> int:
-        """Distinct keys connected to this node."""
-        return len(self._clients)
+    def client_counts(self) -> tuple[int, int]:
+        """(keys connected here, keys reachable only through mesh peers)."""
+        local = remote = 0
+        for record in self._clients.values():
+            if record.conns:
+                local += 1
+            else:
+                remote += 1
+        return local, remote
 
     def peers(self):
         for record in self._clients.values():
@@ -289,6 +354,10 @@ class Relay:
         problems = []
         stats = self.stats
         conns_total = sum(len(r.conns) for r in self._clients.values())
+        for key, record in self._clients.items():
+            for receiver in record.receivers:
+                if receiver.state == ACTIVE and key not in (receiver.heard_from or ()):
+                    problems.append(f"{receiver!r} receives PeerGone for {key.hex()[:8]} but does not know it")
         if conns_total != stats.current_connections:
             problems.append(f"current_connections={stats.current_connections} but {conns_total} registered")
         dup_keys = [r for r in self._clients.values() if r.duplicated]
