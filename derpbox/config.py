@@ -26,8 +26,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from derpbox import keys
-
+from . import keys
 from .netaddr import IPNetwork, is_ip, parse_networks
 from .protocol.stun import DEFAULT_STUN_PORT
 
