@@ -26,12 +26,17 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from derpbox import keys
+from . import keys
+from .netaddr import IPNetwork, is_ip, parse_networks
+from .protocol.stun import DEFAULT_STUN_PORT
 
 DEV_HOST = "127.0.0.1"
 DEV_PORT = 3340
 # derper reads the mesh key from this variable in -dev mode only.
 DEV_MESH_KEY_ENV = "TAILSCALE_DERPER_MESH_KEY"
+# derper's debug knob for the per-client send queue, read from the environment only.
+QUEUE_DEPTH_ENV = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"
+DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_HOSTNAME = "derp.tailscale.com"
 CERTMODES = ("manual", "letsencrypt", "gcp")
 
@@ -98,8 +103,11 @@ class Settings:
     log_format: str
     proxy_protocol: str  # off | v1 | v2 | auto
     trusted_proxies: tuple[str, ...]
+    proxy_networks: tuple[IPNetwork, ...]  # -trusted-proxies parsed when -proxy-protocol is on, else ()
     metrics_addr: str  # "" = no metrics listener
+    metrics_listen: tuple[str, int] | None  # -metrics-addr split as (host, port); None = no listener
     metrics_allow: tuple[str, ...]
+    metrics_allow_networks: tuple[IPNetwork, ...]  # -metrics-allow parsed
     region_id: int
     region_code: str
     region_name: str
@@ -109,6 +117,7 @@ class Settings:
     public_stun_port: int  # 0 = stun_port
     public_http_port: int  # 0 = http_port
     derpmap_path: str
+    send_queue_depth: int  # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH
     warnings: tuple[str, ...]
 
     @property
@@ -122,22 +131,32 @@ class Settings:
 
     @property
     def hostname_is_ip(self) -> bool:
-        return _is_ip(self.hostname)
+        return is_ip(self.hostname)
 
     def not_yet_supported(self) -> list[str]:
         """derper settings this version accepts (so command lines keep working) but
         does not act on: each set to a non-default value is named, never ignored silently."""
-        unsupported = {
-            "acme_ip_certs": "-acme-ip-certs",
-            "bootstrap_dns_names": "-bootstrap-dns-names",
-            "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
-            "rate_config": "-rate-config",
-            "ace": "-ace",
-        }
-        found = [flag for name, flag in unsupported.items() if getattr(self, name)]
+        found = [flag for name, flag in _IGNORED_DERPER_FEATURES.items() if getattr(self, name)]
         if self.accept_connection_limit != math.inf or self.accept_connection_burst != sys.maxsize:
             found.append("-accept-connection-limit/-accept-connection-burst")
         return found
+
+
+# derper features this version does not have. Ignoring these costs only the feature, so they
+# are accepted and named at start-up (Settings.not_yet_supported).
+_IGNORED_DERPER_FEATURES = {
+    "acme_ip_certs": "-acme-ip-certs",
+    "bootstrap_dns_names": "-bootstrap-dns-names",
+    "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
+    "rate_config": "-rate-config",
+    "ace": "-ace",
+}
+# Ignoring these would run a different relay than asked for (no mesh, no mesh key): the
+# server refuses to start (load_serve_settings).
+_REFUSED_DERPER_FEATURES = {
+    "mesh_with": "-mesh-with: meshing with other derpbox/derper nodes is not supported yet",
+    "secrets_url": "-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file",
+}
 
 
 # --- value parsers: text -> value, raising ValueError(reason) -------------------------------
@@ -261,6 +280,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _tls_groups(text: str) -> str:
+    # Imported when used: pyOpenSSL and Twisted are heavy for the entrypoint, which loads settings before exec.
     from .tls.context import check_groups
 
     return check_groups(text.strip())
@@ -324,7 +344,7 @@ def split_listen_addr(text: str) -> tuple[str, int]:
         raise ValueError("not of the form :port, host:port or [ipv6]:port")
     if match["v6"] is not None:
         host, port = match["v6"], match["p6"]
-        if not _is_ip(host) or ":" not in host:
+        if not is_ip(host) or ":" not in host:
             raise ValueError(f"{host!r} inside brackets is not an IPv6 address")
     else:
         host, port = match["host"], match["port"]
@@ -345,12 +365,8 @@ def _optional_listen_addr(text: str) -> str:
 
 
 def _cidrs(text: str) -> tuple[str, ...]:
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
-    for item in items:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+    items = _names(text)
+    parse_networks(items)
     return items
 
 
@@ -375,14 +391,6 @@ def _region_id(text: str) -> int:
     if not 1 <= value <= 2**53 - 1:
         raise ValueError("must be between 1 and 2^53-1 (900-999 are reserved for your own relays)")
     return value
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- environment-only transforms for image-specific aliases ---------------------------------
@@ -489,7 +497,7 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            "plain-HTTP port used in TLS mode (ACME http-01, redirects); -1 disables; bound to the IP of -a",
            _env("DERP_HTTP_PORT", Env("DERP_ENABLE_HTTP", _enable_http, ENV_BOOL_FORMS),
                 "DERP_PORT_HTTP", "HTTP_PORT")),
-    Option("stun_port", "stun-port", PORT, 3478, "UDP STUN port, bound to the IP of -a",
+    Option("stun_port", "stun-port", PORT, DEFAULT_STUN_PORT, "UDP STUN port, bound to the IP of -a",
            _env("DERP_STUN_PORT", "DERP_PORT_STUN", "STUN_PORT")),
     Option("stun", "stun", BOOL, True, "run the STUN server",
            _env("DERP_STUN", "DERP_RUN_STUN", "DERP_STUN_ENABLE", "DERP_ENABLE_STUN", "RUN_STUN")),
@@ -657,10 +665,29 @@ def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
                 f"{keys.ROOT_KEY_PATH}; set -c PATH or DERP_CONFIG_PATH=PATH (the file is created if missing)"
             )
     values["listen_host"], values["listen_port"] = split_listen_addr(values["addr"])
+    values["metrics_listen"] = split_listen_addr(values["metrics_addr"]) if values["metrics_addr"] else None
+    values["metrics_allow_networks"] = parse_networks(values["metrics_allow"])
+    values["proxy_networks"] = () if values["proxy_protocol"] == "off" else parse_networks(values["trusted_proxies"])
+    values["send_queue_depth"] = _send_queue_depth(environ)
     settings = Settings(warnings=tuple(warnings), **values)
     if not settings.version_requested:
         _check_consistency(settings, environ)
     return settings
+
+
+def _send_queue_depth(environ: Mapping[str, str]) -> int:
+    text = environ.get(QUEUE_DEPTH_ENV, "")
+    if not text:
+        return DEFAULT_QUEUE_DEPTH
+    try:
+        depth = int(text)
+    except ValueError:
+        depth = 0
+    if depth < 1:
+        raise ConfigError(
+            f"{QUEUE_DEPTH_ENV}={text!r} is invalid: expected a positive integer (default {DEFAULT_QUEUE_DEPTH})"
+        )
+    return depth
 
 
 def _parse_argv(argv: list[str]) -> dict[str, tuple[str, str]]:
@@ -835,6 +862,53 @@ def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
         if missing:
             raise ConfigError(f"-certmode gcp needs {', '.join(missing)} (DERP_ACME_EAB_KID, DERP_ACME_EAB_KEY, "
                               "DERP_ACME_EMAIL)")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    """What only a starting server needs beyond Settings.
+
+    Kept out of load_settings because the entrypoint, ``derpbox derpmap`` and
+    ``derpbox healthcheck`` load the same Settings and must neither read the mesh
+    key file nor refuse what only the server cannot do.
+    """
+
+    mesh_key: bytes | None = field(repr=False)
+    warnings: tuple[str, ...]
+
+
+def load_serve_settings(settings: Settings, environ: Mapping[str, str]) -> ServeSettings:
+    """The server's own checks and values; ConfigError when it must not start."""
+    warnings = []
+    if settings.proxy_protocol == "off":
+        if settings.trusted_proxies:
+            warnings.append("-trusted-proxies is set but -proxy-protocol is off: PROXY headers are not accepted")
+    elif not settings.trusted_proxies:
+        # Refused rather than read as "anyone" (anyone could then name any client address:
+        # spoofed admission Source, logs, limits) or as "loopback" (a same-host proxy is the
+        # common case, but a silent default would also trust every local process).
+        raise ConfigError(
+            f"-proxy-protocol={settings.proxy_protocol} needs -trusted-proxies (DERP_TRUSTED_PROXIES): "
+            "the IPs or CIDRs of the proxies that send PROXY headers, e.g. 127.0.0.1 for a proxy on this host; "
+            "without it anyone could claim any client address"
+        )
+    for name, refusal in _REFUSED_DERPER_FEATURES.items():
+        if getattr(settings, name):
+            raise ConfigError(refusal)
+    return ServeSettings(mesh_key=_mesh_key(settings, environ), warnings=tuple(warnings))
+
+
+def _mesh_key(settings: Settings, environ: Mapping[str, str]) -> bytes | None:
+    """derper's rule: TAILSCALE_DERPER_MESH_KEY in -dev, else the -mesh-psk-file."""
+    try:
+        if settings.dev:
+            text = environ.get(DEV_MESH_KEY_ENV, "")
+            return keys.parse_mesh_key(text, DEV_MESH_KEY_ENV) if text else None
+        if settings.mesh_psk_file:
+            return keys.load_mesh_key(settings.mesh_psk_file)
+    except keys.MeshKeyError as e:
+        raise ConfigError(str(e)) from None
+    return None
 
 
 def usage(prog: str = "derpbox") -> str:

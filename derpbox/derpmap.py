@@ -33,8 +33,11 @@ from typing import Callable, Mapping
 from twisted.web.resource import Resource
 
 from .config import DEFAULT_HOSTNAME, ConfigError, Settings, UsageRequested, load_settings
-from .tls.certs import DEFAULT_DERP_PORT, DEFAULT_STUN_PORT, CertificateError, CertifiedKey, cert_paths, load_certified_key
+from .protocol.stun import DEFAULT_STUN_PORT
+from .tls.certs import CertificateError, CertifiedKey, cert_paths, load_certified_key
 
+# A node without DERPPort is reached on this port (tailcfg.DERPNode).
+DEFAULT_DERP_PORT = 443
 FORMATS = ("tailscale", "headscale", "ionscale", "json")
 
 # Wire (Go field) names; Headscale's derp.yaml uses each of them lower-cased.
@@ -121,7 +124,11 @@ def _needs_pin(settings: Settings) -> bool:
 
 
 def build_node(settings: Settings, cert: CertifiedKey | None = None) -> dict:
-    """This relay's DERPNode (wire names). *cert* overrides reading the pinned certificate from -certdir."""
+    """This relay's DERPNode (wire names): what ``derpbox derpmap`` prints, the -derpmap-path
+    resource serves and the server logs at start-up for an IP certificate.
+
+    *cert* is the certificate to pin; without it the pin is read from -certdir.
+    """
     rid = settings.region_id
     node: dict = {"Name": f"{rid}a", "RegionID": rid, "HostName": settings.hostname}
     if _needs_pin(settings):
@@ -270,14 +277,18 @@ class DerpMapResource(Resource):
         return json.dumps(the_map).encode()
 
     def render_HEAD(self, request) -> bytes:
-        return self.render_GET(request)
+        # GET's status and headers (its length included), no body.
+        body = self.render_GET(request)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
 
 
 def derpmap_resource(settings: Settings, cert: Callable[[], CertifiedKey | None] | None = None) -> Resource:
     """A leaf resource serving :func:`build_derp_map` as ``application/json``, to mount at settings.derpmap_path.
 
-    *cert*, if given, returns the certificate being served (e.g. a CertificateSource's ``current``);
-    otherwise the pinned certificate is read from -certdir on each request.
+    *cert*, if given, returns the certificate being served (the server passes its
+    CertificateSource's ``current``); otherwise the pinned certificate is read from -certdir on
+    each request.
     """
     return DerpMapResource(settings, cert)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,28 +11,22 @@ import threading
 from nacl.public import PrivateKey
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from .config import ConfigError, Settings, split_listen_addr
-from .derpmap import derpmap_resource
-from .heap import HeapService
-from .config import DEV_MESH_KEY_ENV
-from .keys import MeshKeyError, load_mesh_key, load_or_create_key, node_public_text, parse_mesh_key
-from .netaddr import parse_networks
 from .admission import Admission
+from .config import ConfigError, ServeSettings, Settings, load_serve_settings
+from .derpmap import build_node, derpmap_resource
+from .heap import HeapService
+from .keys import load_or_create_key, node_public_text
+from .metrics import Metrics, TLSStats
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
 from .tls.acme import AcmeCertificateSource, default_directory
-from .tls.certs import (
-    CertificateError,
-    ManualCertificateSource,
-    derp_map_node_json,
-)
+from .tls.certs import CertificateError, CertifiedKey, ManualCertificateSource
 from .tls.context import ServerTLS
-from .metrics import Metrics, TLSStats
 from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
@@ -40,7 +35,6 @@ from .web.proxied import ProxyProtocolFactory
 
 log = Logger()
 
-QUEUE_DEPTH_ENV = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"
 # How long a shutdown waits for clients to receive Restarting and the close.
 DRAIN_TIMEOUT = 5.0
 
@@ -81,40 +75,10 @@ class ListenerService(Service):
             return port.stopListening()
 
 
-def queue_depth_from_env(environ) -> int:
-    text = environ.get(QUEUE_DEPTH_ENV, "")
-    if not text:
-        return 32
-    try:
-        depth = int(text)
-    except ValueError:
-        depth = 0
-    if depth < 1:
-        raise ConfigError(f"{QUEUE_DEPTH_ENV}={text!r} is invalid: expected a positive integer (default 32)")
-    return depth
-
-
 def load_server_key(settings: Settings) -> PrivateKey:
     if settings.key_path is None:
         return PrivateKey.generate()
     return load_or_create_key(settings.key_path)
-
-
-def load_mesh_key_for(settings: Settings, environ) -> bytes | None:
-    """The mesh key: from TAILSCALE_DERPER_MESH_KEY in -dev (as derper), else the PSK file."""
-    if settings.mesh_with:
-        raise ConfigError("-mesh-with: meshing with other derpbox/derper nodes is not supported yet")
-    if settings.secrets_url:
-        raise ConfigError("-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file")
-    try:
-        if settings.dev:
-            text = environ.get(DEV_MESH_KEY_ENV, "")
-            return parse_mesh_key(text, DEV_MESH_KEY_ENV) if text else None
-        if settings.mesh_psk_file:
-            return load_mesh_key(settings.mesh_psk_file)
-    except MeshKeyError as e:
-        raise ConfigError(str(e)) from None
-    return None
 
 
 def build_admission(settings: Settings, reactor) -> Admission | None:
@@ -132,10 +96,11 @@ def build_admission(settings: Settings, reactor) -> Admission | None:
             cache_ttl=settings.verify_cache_ttl,
         )
     except ValueError as e:
+        # The allowlist file is read at start: a bad one stops start-up like a bad setting.
         raise ConfigError(str(e)) from None
 
 
-def build_cert_source(settings: Settings, reactor=None):
+def build_cert_source(settings: Settings, reactor):
     """The certificate source for -certmode: files (manual) or an ACME CA (letsencrypt, gcp)."""
     if settings.certmode in ("letsencrypt", "gcp"):
         try:
@@ -157,43 +122,6 @@ def build_cert_source(settings: Settings, reactor=None):
         return ManualCertificateSource(settings.certdir, settings.hostname)
     except CertificateError as e:
         raise ConfigError(str(e)) from None
-
-
-def build_tls(settings: Settings, public_key: bytes, source=None) -> ServerTLS:
-    """Certificates for the TLS listener, from *source* or a new one for the settings."""
-    if source is None:
-        source = build_cert_source(settings)
-    if settings.hostname_is_ip:
-        _announce_ip_node(settings, source.current())
-        # A replaced self-signed certificate changes the sha256-raw pin: say so.
-        source.add_listener(lambda ck: _announce_ip_node(settings, ck, changed=True))
-    return ServerTLS(
-        source, settings.hostname, public_key, strict_sni=not settings.hostname_is_ip, groups=settings.tls_groups
-    )
-
-
-def proxy_networks(settings: Settings) -> tuple:
-    """Trusted proxy networks when -proxy-protocol is on, () when off.
-
-    An empty -trusted-proxies is refused rather than read as "anyone" (anyone
-    could then name any client address: spoofed admission Source, logs, limits)
-    or as "loopback" (a same-host proxy is the common case, but a silent default
-    would also trust every local process). Say which addresses send PROXY headers.
-    """
-    if settings.proxy_protocol == "off":
-        if settings.trusted_proxies:
-            log.warn("-trusted-proxies is set but -proxy-protocol is off: PROXY headers are not accepted")
-        return ()
-    if not settings.trusted_proxies:
-        raise ConfigError(
-            f"-proxy-protocol={settings.proxy_protocol} needs -trusted-proxies (DERP_TRUSTED_PROXIES): "
-            "the IPs or CIDRs of the proxies that send PROXY headers, e.g. 127.0.0.1 for a proxy on this host; "
-            "without it anyone could claim any client address"
-        )
-    try:
-        return parse_networks(settings.trusted_proxies)
-    except ValueError as e:
-        raise ConfigError(f"-trusted-proxies: {e}") from None
 
 
 class _SighupReload:
@@ -244,36 +172,24 @@ class _SighupReload:
 SIGHUP_RELOAD = _SighupReload()
 
 
-def _announce_ip_node(settings: Settings, cert, changed: bool = False) -> None:
-    node = derp_map_node_json(settings.hostname, cert, settings.listen_port, settings.stun_port)
-    log.emit(
-        LogLevel.warn if changed else LogLevel.info,
-        "IP certificate in use; add this node to your DERP map: {node}"
-        if not changed
-        else "IP certificate replaced, its sha256-raw pin changed; update this node in your DERP map: {node}",
-        node=json.dumps(node),
-        derp_map_node=node,
-    )
-
-
 class DerpboxService(MultiService):
-    """The whole relay: main listener (TLS or plain), port 80, STUN."""
+    """The whole relay: main listener (TLS or plain), port 80, metrics, STUN."""
 
     def __init__(self, settings: Settings, reactor, environ=os.environ):
         super().__init__()
         self.settings = settings
         self.reactor = reactor
-        self.proxy_networks = proxy_networks(settings)
-        private_key = load_server_key(settings)
-        self.relay = Relay(
-            private_key,
-            reactor,
-            queue_depth=queue_depth_from_env(environ),
-            write_timeout=settings.tcp_write_timeout,
-            mesh_key=load_mesh_key_for(settings, environ),
-        )
+        serve = load_serve_settings(settings, environ)
         self.admission = build_admission(settings, reactor)
-        self.relay.admission = self.admission
+        self.relay = Relay(
+            load_server_key(settings),
+            reactor,
+            queue_depth=settings.send_queue_depth,
+            write_timeout=settings.tcp_write_timeout,
+            mesh_key=serve.mesh_key,
+            admission=self.admission,
+        )
+        self.cert_source = build_cert_source(settings, reactor) if settings.use_tls else None
         self.stun_stats = STUNStats()
         self.tls_stats = TLSStats() if settings.use_tls else None
         self.metrics = Metrics(
@@ -281,20 +197,10 @@ class DerpboxService(MultiService):
             self.stun_stats,
             self.admission.stats if self.admission is not None else None,
             self.tls_stats,
+            cert_source=self.cert_source,
         )
-        self.debug = DebugResource(
-            self.metrics,
-            hostname=settings.hostname,
-            mesh_key_configured=self.relay.mesh_key is not None,
-            environ=environ,
-        )
-        extra = {}
-        if settings.derpmap_path:
-            extra[settings.derpmap_path] = derpmap_resource(settings)
-        self.site = build_main_site(
-            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=self.debug, extra=extra
-        )
-        self.front = front = FrontFactory(
+        self.site = self._main_site(environ)
+        self.front = FrontFactory(
             self.relay,
             self.site,
             reactor,
@@ -303,57 +209,105 @@ class DerpboxService(MultiService):
             tcp_user_timeout=settings.tcp_user_timeout,
             tls_stats=self.tls_stats,
         )
-        self.tls = None
-        self.cert_source = None
-        factory = front
-        if settings.use_tls:
-            self.cert_source = build_cert_source(settings, reactor)
-            self.metrics.cert_source = self.cert_source
-            self.tls = build_tls(settings, self.relay.public_key, self.cert_source)
-            factory = TLSMemoryBIOFactory(self.tls, False, front)
-            if isinstance(self.cert_source, AcmeCertificateSource):
-                # Obtains and renews in the background; STUN, port 80 and the relay's
-                # other work never wait for it.
-                self.cert_source.setServiceParent(self)
-        what = "DERP (TLS)" if self.tls else "DERP (plain HTTP)"
-        factory = self._proxied(factory)
-        if self.proxy_networks:
-            what += f", PROXY protocol {settings.proxy_protocol}"
-        self.main = ListenerService(_endpoint(reactor, settings.listen_host, settings.listen_port), factory, what)
-        self.main.setServiceParent(self)
-        self.port80 = None
-        if self.tls and settings.http_port >= 0:
-            self.port80 = ListenerService(
-                _endpoint(reactor, settings.listen_host, settings.http_port),
-                self._proxied(
-                    build_port80_site(
-                        main_resource=self.site.resource,
-                        environ=environ,
-                        challenge_responder=getattr(self.cert_source, "http01_response", None),
-                    )
-                ),
-                "HTTP (captive-portal check, redirect)",
-            )
-            self.port80.setServiceParent(self)
-        self.metrics_listener = None
-        if settings.metrics_addr:
-            host, port = split_listen_addr(settings.metrics_addr)
-            try:
-                allow = parse_networks(settings.metrics_allow)
-            except ValueError as e:
-                raise ConfigError(f"-metrics-allow: {e}") from None
-            resource = MetricsListenerResource(self.metrics, allow, healthy=lambda: self.running)
-            self.metrics_listener = ListenerService(
-                _endpoint(reactor, host, port), QuietSite(resource), "metrics (/metrics, /healthz)"
-            )
-            self.metrics_listener.setServiceParent(self)
-        self.stun = None
-        if settings.stun:
-            self.stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, reactor)
-            self.stun.setServiceParent(self)
+        self.tls = self._server_tls()
+        if isinstance(self.cert_source, AcmeCertificateSource):
+            # Obtains and renews in the background; STUN, port 80 and the relay's
+            # other work never wait for it.
+            self.cert_source.setServiceParent(self)
+        self.main = self._main_listener()
+        self.port80 = self._port80_listener(environ)
+        self.metrics_listener = self._metrics_listener()
+        self.stun = self._stun_service()
         HeapService().setServiceParent(self)
+        self._log_start(serve)
+
+    # -- __init__'s builders
+
+    def _main_site(self, environ) -> QuietSite:
+        settings = self.settings
+        debug = DebugResource(
+            self.metrics,
+            hostname=settings.hostname,
+            mesh_key_configured=self.relay.mesh_key is not None,
+            environ=environ,
+        )
+        extra = {}
+        if settings.derpmap_path:
+            live_cert = self.cert_source.current if self.cert_source is not None else None
+            extra[settings.derpmap_path] = derpmap_resource(settings, live_cert)
+        return build_main_site(
+            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=debug, extra=extra
+        )
+
+    def _server_tls(self) -> ServerTLS | None:
+        if self.cert_source is None:
+            return None
+        settings = self.settings
+        return ServerTLS(
+            self.cert_source,
+            settings.hostname,
+            self.relay.public_key,
+            strict_sni=not settings.hostname_is_ip,
+            groups=settings.tls_groups,
+        )
+
+    def _main_listener(self) -> ListenerService:
+        settings = self.settings
+        if self.tls is not None:
+            factory, what = TLSMemoryBIOFactory(self.tls, False, self.front), "DERP (TLS)"
+        else:
+            factory, what = self.front, "DERP (plain HTTP)"
+        if settings.proxy_networks:
+            what += f", PROXY protocol {settings.proxy_protocol}"
+        return self._listen(settings.listen_host, settings.listen_port, self._proxied(factory), what)
+
+    def _port80_listener(self, environ) -> ListenerService | None:
+        if self.tls is None or self.settings.http_port < 0:
+            return None
+        site = build_port80_site(
+            main_resource=self.site.resource,
+            environ=environ,
+            challenge_responder=getattr(self.cert_source, "http01_response", None),
+        )
+        return self._listen(
+            self.settings.listen_host,
+            self.settings.http_port,
+            self._proxied(site),
+            "HTTP (captive-portal check, redirect)",
+        )
+
+    def _metrics_listener(self) -> ListenerService | None:
+        settings = self.settings
+        if settings.metrics_listen is None:
+            return None
+        resource = MetricsListenerResource(self.metrics, settings.metrics_allow_networks, healthy=lambda: self.running)
+        host, port = settings.metrics_listen
+        return self._listen(host, port, QuietSite(resource), "metrics (/metrics, /healthz)")
+
+    def _stun_service(self) -> STUNService | None:
+        settings = self.settings
+        if not settings.stun:
+            return None
+        stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, self.reactor)
+        stun.setServiceParent(self)
+        return stun
+
+    def _listen(self, host: str, port: int, factory, what: str) -> ListenerService:
+        listener = ListenerService(_endpoint(self.reactor, host, port), factory, what)
+        listener.setServiceParent(self)
+        return listener
+
+    def _proxied(self, factory):
+        """The factory as the listener should use it: under a PROXY-protocol parser when on."""
+        settings = self.settings
+        if not settings.proxy_networks:
+            return factory
+        return ProxyProtocolFactory(factory, settings.proxy_protocol, settings.proxy_networks, clock=self.reactor)
+
+    def _log_start(self, serve: ServeSettings) -> None:
+        settings = self.settings
         log.info("server key {key}", key=node_public_text(self.relay.public_key))
-        for warning in settings.warnings:
+        for warning in (*settings.warnings, *serve.warnings):
             log.warn("{warning}", warning=warning)
         if not self.tls and not settings.dev:
             log.warn(
@@ -362,11 +316,30 @@ class DerpboxService(MultiService):
                 port=settings.listen_port,
             )
 
-    def _proxied(self, factory):
-        """The factory as the listener should use it: under a PROXY-protocol parser when on."""
-        if not self.proxy_networks:
-            return factory
-        return ProxyProtocolFactory(factory, self.settings.proxy_protocol, self.proxy_networks, clock=self.reactor)
+    def _announce_ip_node(self, port):
+        """Log the DERP map node for an IP certificate, once listening and again when the pin changes."""
+        self._log_ip_node(self.cert_source.current())
+        # A replaced self-signed certificate changes the sha256-raw pin: say so.
+        self.cert_source.add_listener(lambda cert: self._log_ip_node(cert, changed=True))
+        return port
+
+    def _log_ip_node(self, cert: CertifiedKey, changed: bool = False) -> None:
+        settings = self.settings
+        # A listen port of 0 is picked by the system: name the port bound, as the map needs one.
+        bound = dataclasses.replace(
+            settings,
+            public_port=settings.public_port or self.derp_port,
+            public_stun_port=settings.public_stun_port or self.stun_port or 0,
+        )
+        node = build_node(bound, cert)
+        log.emit(
+            LogLevel.warn if changed else LogLevel.info,
+            "IP certificate in use; add this node to your DERP map: {node}"
+            if not changed
+            else "IP certificate replaced, its sha256-raw pin changed; update this node in your DERP map: {node}",
+            node=json.dumps(node),
+            derp_map_node=node,
+        )
 
     def startService(self):
         super().startService()
@@ -377,6 +350,9 @@ class DerpboxService(MultiService):
             # Manual mode always watches its files (derper needs a restart); SIGHUP reloads at once.
             self.cert_source.start_watching(self.reactor)
             SIGHUP_RELOAD.register(self.cert_source, self.reactor)
+        if self.tls is not None and self.settings.hostname_is_ip:
+            # Once listening: a listen port of 0 is known only then.
+            self.main.ready.addCallback(self._announce_ip_node)
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -1,11 +1,20 @@
 import dataclasses
+import ipaddress
 import math
 import sys
 
 import pytest
 
 from derpbox import config
-from derpbox.config import SETTINGS_TABLE, ConfigError, Settings, UsageRequested, load_settings, parse_go_duration
+from derpbox.config import (
+    SETTINGS_TABLE,
+    ConfigError,
+    Settings,
+    UsageRequested,
+    load_serve_settings,
+    load_settings,
+    parse_go_duration,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -604,6 +613,74 @@ def test_empty_certdir_rejected_when_serving_tls():
     assert load(["-certdir=", "-a", ":8080"]).certdir == ""
 
 
+# --- parsed values -------------------------------------------------------------------------------
+
+
+def test_send_queue_depth_from_derpers_debug_variable():
+    assert load().send_queue_depth == 32
+    assert load(env={"TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH": "128"}).send_queue_depth == 128
+    for bad in ("0", "-3", "lots", "1.5"):
+        message = error(env={"TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH": bad})
+        assert message == (f"TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH={bad!r} is invalid: "
+                           "expected a positive integer (default 32)")
+
+
+def test_networks_are_parsed_once():
+    s = load(["-metrics-addr", "127.0.0.1:9090", "-metrics-allow", "10.1.0.0/16, 192.0.2.7,::1",
+              "-proxy-protocol", "v2", "-trusted-proxies", "127.0.0.1,fd00::/8"])
+    assert s.metrics_listen == ("127.0.0.1", 9090)
+    assert s.metrics_allow_networks == tuple(map(ipaddress.ip_network, ("10.1.0.0/16", "192.0.2.7/32", "::1/128")))
+    assert s.proxy_networks == tuple(map(ipaddress.ip_network, ("127.0.0.1/32", "fd00::/8")))
+    assert load().metrics_listen is None
+    # -proxy-protocol off: no proxy is trusted, whatever -trusted-proxies says.
+    assert load(["-trusted-proxies", "127.0.0.1"]).proxy_networks == ()
+
+
+# --- the server's own checks (load_serve_settings) -------------------------------------------------
+
+
+def serve_error(argv=(), env=None):
+    with pytest.raises(ConfigError) as info:
+        load_serve_settings(load(argv, env), env or {})
+    return str(info.value)
+
+
+def test_serve_refuses_what_it_cannot_do():
+    assert serve_error(["-mesh-with", "b.example", "-mesh-psk-file", "/m"]) == (
+        "-mesh-with: meshing with other derpbox/derper nodes is not supported yet")
+    assert serve_error(["-secrets-url", "https://setec.example"]) == (
+        "-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file")
+    message = serve_error(["-proxy-protocol", "auto"])
+    assert message.startswith("-proxy-protocol=auto needs -trusted-proxies (DERP_TRUSTED_PROXIES)")
+    assert "anyone could claim any client address" in message
+
+
+def test_serve_warns_about_trusted_proxies_without_proxy_protocol():
+    assert load_serve_settings(load(["-trusted-proxies", "127.0.0.1"]), {}).warnings == (
+        "-trusted-proxies is set but -proxy-protocol is off: PROXY headers are not accepted",)
+    assert load_serve_settings(load(), {}).warnings == ()
+
+
+def test_serve_reads_the_mesh_key(tmp_path):
+    key = bytes(range(32))
+    (tmp_path / "mesh.key").write_text(key.hex() + "\n")
+    assert load_serve_settings(load(["-mesh-psk-file", str(tmp_path / "mesh.key")]), {}).mesh_key == key
+    assert load_serve_settings(load(), {}).mesh_key is None
+    (tmp_path / "short.key").write_text("abc")
+    message = serve_error(["-mesh-psk-file", str(tmp_path / "short.key")])
+    assert message == (f"mesh key file {tmp_path / 'short.key'}: "
+                       "mesh key must be exactly 64 hex digits, found 3 characters")
+    assert "No such file" in serve_error(["-mesh-psk-file", str(tmp_path / "missing.key")])
+
+
+def test_serve_reads_the_dev_mesh_key_from_the_environment():
+    env = {"TAILSCALE_DERPER_MESH_KEY": "ab" * 32}
+    assert load_serve_settings(load(["-dev"], env), env).mesh_key == b"\xab" * 32
+    assert load_serve_settings(load(["-dev"]), {}).mesh_key is None
+    env = {"TAILSCALE_DERPER_MESH_KEY": "xyz"}
+    assert serve_error(["-dev"], env).startswith("TAILSCALE_DERPER_MESH_KEY: mesh key must be exactly 64 hex digits")
+
+
 # --- YAML config file ---------------------------------------------------------------------------
 
 
@@ -706,5 +783,6 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
                                     "acme-challenge", "proxy-protocol", "trusted-proxies"}
-    derived = {"listen_host", "listen_port", "warnings"}
+    derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "metrics_listen", "metrics_allow_networks",
+               "proxy_networks"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

@@ -23,12 +23,13 @@ from derpbox.derpmap import (
     REGION_KEYS,
     DerpMapError,
     build_derp_map,
+    build_node,
     derpmap_main,
     derpmap_resource,
     render,
     split_args,
 )
-from derpbox.tls.certs import ensure_ip_self_signed
+from derpbox.tls.certs import ensure_ip_self_signed, load_certified_key
 
 from .conftest import make_cert
 from .tailcat import Tailcat, needs_tailcat, ping
@@ -177,6 +178,30 @@ def test_ca_issued_ip_certificate_is_not_pinned(tmp_path):
     assert "CertName" not in node and node["IPv4"] == "203.0.113.7"
 
 
+def test_node_pins_the_certificate_it_is_given(tmp_path):
+    """The server passes the certificate it serves rather than reading -certdir (replaces
+    test_tls's test_derp_map_node_json, the start-up line's former builder)."""
+    cert = ensure_ip_self_signed(tmp_path / "served", "127.0.0.1")
+    s, certdir = ip_settings(tmp_path, "127.0.0.1")
+    assert build_node(s, cert) == {
+        "Name": "900a",
+        "RegionID": 900,
+        "HostName": "127.0.0.1",
+        "CertName": "sha256-raw:" + cert.sha256_hex,
+        "IPv4": "127.0.0.1",
+        "CanPort80": True,
+    }
+    assert not certdir.exists()
+    s, _ = ip_settings(tmp_path, "2001:db8::1", "-a", ":8443", "-stun-port", "3479")
+    node = build_node(s, ensure_ip_self_signed(tmp_path / "served", "2001:db8::1"))
+    assert node["IPv6"] == "2001:db8::1" and "IPv4" not in node
+    assert (node["DERPPort"], node["STUNPort"]) == (8443, 3479)
+    # Clients reject a pinned chain with more than one real certificate.
+    _, crt, key = make_cert(tmp_path / "ca-issued", "127.0.0.1")
+    chain = load_certified_key(crt, key, "127.0.0.1")
+    assert "CertName" not in build_node(ip_settings(tmp_path, "127.0.0.1")[0], chain)
+
+
 # --- formats ------------------------------------------------------------------------------------
 
 
@@ -306,6 +331,24 @@ def test_resource_serves_wire_json():
     assert json.loads(body) == build_derp_map(s)
 
 
+def test_resource_head_sends_headers_only():
+    s = settings(*DNS)
+    request = DummyRequest([b""])
+    request.method = b"HEAD"
+    assert derpmap_resource(s).render(request) == b""
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
+    length = len(json.dumps(build_derp_map(s)).encode())
+    assert request.responseHeaders.getRawHeaders(b"content-length") == [str(length).encode()]
+
+
+def test_resource_pins_the_live_certificate(tmp_path):
+    s, certdir = ip_settings(tmp_path)
+    cert = ensure_ip_self_signed(tmp_path / "served", "203.0.113.7")
+    request, body = _get(derpmap_resource(s, lambda: cert))
+    assert only_node(json.loads(body))["CertName"] == "sha256-raw:" + cert.sha256_hex
+    assert not certdir.exists()
+
+
 def test_resource_reports_unbuildable_map():
     request, body = _get(derpmap_resource(settings(*DNS, "-a", ":0")))
     assert request.responseCode == 503 and b"-public-port" in body
@@ -370,4 +413,19 @@ def test_service_serves_its_map_at_derpmap_path(start_server):
     (region,) = the_map["Regions"].values()
     (node,) = region["Nodes"]
     assert (node["HostName"], node["DERPPort"], node["STUNPort"]) == ("127.0.0.1", 8443, 3479)
-    assert node["CertName"].startswith("sha256-raw:")
+    # The pin is of the certificate being served, not of whatever -certdir holds now.
+    served = server.service.cert_source.current()
+    assert node["CertName"] == "sha256-raw:" + served.sha256_hex
+    for path in (server.tmp / "certs").iterdir():
+        path.unlink()
+    _, the_map = yield deferToThread(fetch)
+    assert only_node(the_map)["CertName"] == "sha256-raw:" + served.sha256_hex
+
+
+@pytest_twisted.inlineCallbacks
+def test_start_up_line_is_the_derpmap_node(start_server, log_events):
+    """The IP-certificate node the server logs is the map's node, with the ports it bound."""
+    server = yield start_server()
+    (node,) = [e["derp_map_node"] for e in log_events if "derp_map_node" in e]
+    assert node == only_node(build_derp_map(_public(server)))
+    assert node["DERPPort"] == server.port and node["CertName"].startswith("sha256-raw:")

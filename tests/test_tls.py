@@ -33,10 +33,11 @@ from derpbox.tls.certs import (
     CertifiedKey,
     ManualCertificateSource,
     cert_paths,
-    derp_map_node_json,
     ensure_ip_self_signed,
     sanitize_hostname,
 )
+from derpbox.config import load_settings
+from derpbox.derpmap import build_node
 from derpbox.logs import LogThrottle
 from derpbox.tls.context import ServerTLS
 from derpbox.tls.metacert import make_meta_certificate
@@ -366,8 +367,9 @@ async def test_ip_self_signed_pin_matches_what_the_client_receives(listen, tmp_p
     client = await connect(port)  # Go sends no SNI to an IP literal
     assert der(client.chain[0]) == der(cert.leaf)
     assert hashlib.sha256(der(client.chain[0])).hexdigest() == cert.sha256_hex
-    node = derp_map_node_json("127.0.0.1", cert, 443, 3478)
-    tailscale_pin_check(client.chain, node["CertName"])
+    settings = load_settings(["-hostname", "127.0.0.1", "-certmode", "manual", "-certdir", str(tmp_path), "-c", "/k"],
+                             {})
+    tailscale_pin_check(client.chain, build_node(settings, cert)["CertName"])
 
 
 def test_ip_self_signed_certificate_fields(tmp_path):
@@ -412,22 +414,6 @@ def test_ip_self_signed_regenerated_when_a_file_is_missing(tmp_path):
 def test_existing_ca_issued_ip_certificate_is_loaded_not_replaced(tmp_path, ip_cert):
     write_pair(tmp_path, "127.0.0.1", ip_cert.chain, ip_cert.key)
     assert ManualCertificateSource(tmp_path, "127.0.0.1").current().leaf == ip_cert.leaf
-
-
-def test_derp_map_node_json(ip_cert, dns_cert):
-    pin = "sha256-raw:" + hashlib.sha256(der(ip_cert.leaf)).hexdigest()
-    assert derp_map_node_json("127.0.0.1", ip_cert, 443, 3478) == {
-        "Name": "custom",
-        "RegionID": 900,
-        "HostName": "127.0.0.1",
-        "CertName": pin,
-        "IPv4": "127.0.0.1",
-    }
-    node = derp_map_node_json("2001:db8::1", ip_cert, 8443, 3479)
-    assert node["IPv6"] == "2001:db8::1" and "IPv4" not in node
-    assert (node["DERPPort"], node["STUNPort"]) == (8443, 3479)
-    # Clients reject a pinned chain with more than one real certificate.
-    assert "CertName" not in derp_map_node_json("127.0.0.1", dns_cert, 443, 3478)
 
 
 # --- manual certificate source --------------------------------------------------------

@@ -95,7 +95,12 @@ class Admission:
             self.allowlist.stop()
 
     def reload(self) -> defer.Deferred:
-        """Re-read the allowlist now (SIGHUP); fires True if a new list is in force."""
+        """Re-read the allowlist now, changed or not; fires True if a new list is in force.
+
+        Nothing in the server calls it: the allowlist's own poll picks up a changed
+        file within a second, and SIGHUP reloads only the TLS certificates. It is for
+        callers that need a change in force at once (the tests).
+        """
         if self.allowlist is None:
             return defer.succeed(False)
         return self.allowlist.reload()
@@ -145,7 +150,7 @@ class Admission:
         for verdict in verdicts:
             self.stats.count(verdict)
 
-        final = _combine(verdicts)
+        final = _all_must_admit(verdicts)
         if self.cache is not None:
             self.cache.put(node_key, final)
         return self._conclude(final, key_text, source_ip)
@@ -236,8 +241,9 @@ class Admission:
         return [line for _, line in lines]
 
 
-def _combine(verdicts: list[Verdict]) -> Verdict:
-    """The run's result: the first rejection, else an admit by the last check (fail-open if any was)."""
+def _all_must_admit(verdicts: list[Verdict]) -> Verdict:
+    """Every enabled check must admit: the run stopped at the first rejection, which is the
+    result; else an admit by the last check (fail-open if any check failed open)."""
     last = verdicts[-1]
     if not last.allow:
         return last

@@ -3,9 +3,9 @@
 The file is a JSON array of ``"nodekey:<64 hex>"`` strings: the ``nodes.json``
 format of hellodword/tailscale-derp-client-verifier. It is read once at start
 (a bad file is a start-up error), then watched: a poll every second compares
-inode, size and mtime, and ``reload()`` re-reads on demand (SIGHUP). A broken or
-missing replacement never empties the list: the previous keys stay in force and
-the problem is logged once.
+inode, size and mtime, and ``reload()`` re-reads at once when called (SIGHUP does
+not: it reloads only the TLS certificates). A broken or missing replacement never
+empties the list: the previous keys stay in force and the problem is logged once.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Allowlist:
             loop.stop()
 
     def reload(self) -> defer.Deferred:
-        """Re-read the file now, changed or not (SIGHUP). Fires with True if the new list is in force."""
+        """Re-read the file now, changed or not. Fires with True if the new list is in force."""
         return self._poll(force=True)
 
     def _poll(self, force: bool = False) -> defer.Deferred:

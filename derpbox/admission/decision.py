@@ -36,9 +36,6 @@ class Verdict:
     def cacheable(self) -> bool:
         return self.outcome in ("allow", "reject")
 
-    def decision(self) -> Decision:
-        return Decision(self.allow, self.check, self.reason)
-
 
 class AdmissionStats:
     """Plain counters, exported later as Prometheus metrics.

@@ -365,7 +365,7 @@ class UrlChecks:
             if verdict.outcome == "allow":
                 result.callback(verdict)
             elif remaining[0] == 0:
-                result.callback(_combine([v for v in verdicts if v is not None]))
+                result.callback(_any_fail_open_admits([v for v in verdicts if v is not None]))
 
         def broke(failure, index):
             # Not expected (check catches its own errors); count it as an error verdict.
@@ -378,7 +378,9 @@ class UrlChecks:
         return result
 
 
-def _combine(verdicts: list[Verdict]) -> Verdict:
+def _any_fail_open_admits(verdicts: list[Verdict]) -> Verdict:
+    """The rest of the any-URL rule once no URL admitted: a fail-open from any URL admits,
+    else the client is rejected (as an error if some URL could not be asked)."""
     for v in verdicts:
         if v.outcome == "fail_open":
             return v

@@ -10,6 +10,8 @@ import ipaddress
 import struct
 import zlib
 
+DEFAULT_STUN_PORT = 3478
+
 MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 HEADER_LEN = 20
 TXID_LEN = 12

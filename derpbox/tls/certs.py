@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Union
@@ -27,6 +28,7 @@ from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..files import write_atomically
@@ -35,8 +37,6 @@ log = Logger()
 
 PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
 
-DEFAULT_DERP_PORT = 443
-DEFAULT_STUN_PORT = 3478
 # derper uses one year: clients such as macOS reject much longer validity.
 _SELF_SIGNED_VALIDITY = datetime.timedelta(days=365)
 _UNSAFE_HOSTNAME_CHARS = re.compile(r"[^A-Za-z0-9.-]")
@@ -195,11 +195,10 @@ class ManualCertificateSource(CertificateHolder):
 
     def start_watching(self, clock=None, interval: float | None = None) -> None:
         """Poll the files with a LoopingCall on *clock* (the reactor by default)."""
-        from twisted.internet.task import LoopingCall
-
         if self._loop is not None:
             return
         if clock is None:
+            # Imported here: importing the reactor installs the default one, too early for callers choosing another.
             from twisted.internet import reactor as clock
         self._clock = clock
         self._loop = LoopingCall(self.poll)
@@ -220,8 +219,6 @@ class ManualCertificateSource(CertificateHolder):
     def _now(self) -> float:
         if self._clock is not None:
             return self._clock.seconds()
-        import time
-
         return time.monotonic()
 
     def _file_state(self) -> FileState:
@@ -434,22 +431,3 @@ def _make_ip_self_signed(ip: str, address: ipaddress.IPv4Address | ipaddress.IPv
     )
     return CertifiedKey(chain=(cert,), key=key)
 
-
-def derp_map_node_json(hostname_ip: str, cert: CertifiedKey, derp_port: int, stun_port: int) -> dict:
-    """The DERPNode derper suggests for an IP hostname, as a JSON-ready dict.
-
-    CertName pins the leaf with ``sha256-raw:``. Tailscale clients accept
-    exactly one certificate besides the meta-certificate under such a pin,
-    so it is left out when the chain has intermediates (the node must then be
-    verifiable through a CA instead).
-    """
-    address = ipaddress.ip_address(hostname_ip)
-    node: dict = {"Name": "custom", "RegionID": 900, "HostName": hostname_ip}
-    if len(cert.chain) == 1:
-        node["CertName"] = "sha256-raw:" + cert.sha256_hex
-    node["IPv4" if address.version == 4 else "IPv6"] = hostname_ip
-    if stun_port != DEFAULT_STUN_PORT:
-        node["STUNPort"] = stun_port
-    if derp_port != DEFAULT_DERP_PORT:
-        node["DERPPort"] = derp_port
-    return node
