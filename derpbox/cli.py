@@ -66,13 +66,13 @@ def serve(argv: list[str], environ=os.environ) -> int:
 
 
 def _subcommand(name: str):
-    """The entry point of a subcommand, imported only when used."""
+    """The entry point of a subcommand, imported only when used (serve needs none of them)."""
     if name == "healthcheck":
-        from .checks import healthcheck_main
+        from .checks.healthcheck import healthcheck_main
 
         return healthcheck_main
     if name == "check":
-        from .checks import check_main
+        from .checks.command import check_main
 
         return check_main
     if name == "derpmap":
