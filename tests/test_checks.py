@@ -18,12 +18,15 @@ from nacl.public import PrivateKey
 from twisted.internet import protocol, reactor
 from twisted.internet import ssl as tssl
 from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import TimeoutFactory
+from twisted.protocols.portforward import ProxyFactory
 
 from derpbox.checks.certificates import check_cert_name_rules, name_matches, validity
 from derpbox.checks.command import check_main
 from derpbox.checks.healthcheck import healthcheck_main
 from derpbox.checks.results import FAIL, OK, WARN
 from derpbox.client import DERPClient, read_response_head
+from derpbox.keys import load_or_create_key
 from derpbox.tls.metacert import is_meta_certificate, make_meta_certificate, meta_certificate_key
 
 from .conftest import make_cert
@@ -155,21 +158,14 @@ def test_healthcheck_expired_certificate(start_server, html_tls_server, tmp_path
     assert line(text, "tls").startswith("WARN tls: TLSv1.3, certificate expires in 4 days")
 
 
-def test_validity_window():
-    _, crt, _ = make_cert_tmp()
+def test_validity_window(tmp_path):
+    _, crt, _ = make_cert(tmp_path, "derp.test", days=30)
     cert = x509.load_pem_x509_certificates(crt.read_bytes())[0]
     now = datetime.datetime.now(datetime.timezone.utc)
     assert validity(cert, now)[0] == OK
     assert validity(cert, now - datetime.timedelta(days=2))[0] == FAIL
     assert "not valid before" in validity(cert, now - datetime.timedelta(days=2))[1]
     assert validity(cert, now + datetime.timedelta(days=20))[0] == WARN
-
-
-def make_cert_tmp():
-    import tempfile
-    from pathlib import Path
-
-    return make_cert(Path(tempfile.mkdtemp()), "derp.test", days=30)
 
 
 @pytest_twisted.inlineCallbacks
@@ -199,8 +195,6 @@ def test_healthcheck_relay_passes_with_verification_rejecting_strangers(start_se
     # Without the key file (another key), the test clients are strangers too.
     other = server.tmp / "other.key"
     flags[flags.index("-c") + 1] = str(other)
-    from derpbox.keys import load_or_create_key
-
     load_or_create_key(str(other))
     code, text = yield deferToThread(run, healthcheck_main, flags)
     assert code == 1 and line(text, "relay").startswith("FAIL")
@@ -381,10 +375,6 @@ def test_response_head_and_what_follows_it():
 @pytest_twisted.inlineCallbacks
 def test_check_diagnoses_an_idle_timeout_shorter_than_the_keepalive(start_server, tmp_path):
     """A TCP proxy that cuts connections idle for 1 s sits in front; a 3 s idle test catches it."""
-    from twisted.internet import reactor
-    from twisted.protocols.policies import TimeoutFactory
-    from twisted.protocols.portforward import ProxyFactory
-
     server = yield start_server()
     proxy = reactor.listenTCP(0, TimeoutFactory(ProxyFactory("127.0.0.1", server.port), timeoutPeriod=1),
                               interface="127.0.0.1")
