@@ -32,6 +32,7 @@ def serve(argv: list[str], environ=os.environ) -> int:
         log.warn("{flag} is accepted for compatibility with derper but not supported by this "
                  "version of derpbox: it has no effect", flag=flag)
 
+    # Here, not at the top: importing the reactor installs it, and only serve runs one.
     from twisted.internet import reactor
 
     from .service import DerpboxService
