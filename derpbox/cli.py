@@ -32,6 +32,7 @@ def serve(argv: list[str], environ=os.environ) -> int:
         log.warn("{flag} is accepted for compatibility with derper but not supported by this "
                  "version of derpbox: it has no effect", flag=flag)
 
+    # Here, not at the top: importing the reactor installs it, and only serve runs one.
     from twisted.internet import reactor
 
     from .service import DerpboxService
@@ -66,13 +67,13 @@ def serve(argv: list[str], environ=os.environ) -> int:
 
 
 def _subcommand(name: str):
-    """The entry point of a subcommand, imported only when used."""
+    """The entry point of a subcommand, imported only when used (serve needs none of them)."""
     if name == "healthcheck":
-        from .checks import healthcheck_main
+        from .checks.healthcheck import healthcheck_main
 
         return healthcheck_main
     if name == "check":
-        from .checks import check_main
+        from .checks.command import check_main
 
         return check_main
     if name == "derpmap":

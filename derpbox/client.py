@@ -2,24 +2,24 @@
 
 Used by the tests, the benchmark and the healthcheck/check commands. It speaks
 DERP over plain TCP or TLS, with the fast-start path when the server's TLS 1.3
-chain carries the meta-certificate, or over WebSocket.
+chain carries the meta-certificate, or over WebSocket. The steps of connecting
+(TCP, TLS, the upgrade request, the response head) are public functions, so the
+checks probe a server with the same bytes the client sends.
 """
 
 from __future__ import annotations
 
-import base64
 import errno
-import os
+import select
 import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from cryptography.x509.oid import NameOID
 from nacl.public import PrivateKey
 from OpenSSL import SSL
 
+from . import netaddr
 from .protocol import websocket as ws
 from .protocol.frames import (
     KEY_LEN,
@@ -37,8 +37,10 @@ from .protocol.handshake import (
     open_server_info,
     parse_server_key,
 )
+from .tls.metacert import meta_certificate_key
 
-META_CERT_PREFIX = "derpkey"
+USER_AGENT = "derpbox-client"
+MAX_RESPONSE_HEAD = 65536
 
 
 class DERPClientError(Exception):
@@ -63,43 +65,43 @@ class Connected:
     http_status: int | None = None
 
 
-def meta_cert_key(chain) -> bytes | None:
-    """The DERP key in a chain's meta-certificate, as the Go client finds it."""
-    for cert in chain:
-        cert = cert.to_cryptography()
-        with warnings.catch_warnings():
-            # The meta-certificate's CN is 71 characters, over X.509's usual bound.
-            warnings.simplefilter("ignore", UserWarning)
-            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        cn = str(names[0].value) if names else ""
-        if cn.startswith(META_CERT_PREFIX) and cert.serial_number < 256:
-            try:
-                key = bytes.fromhex(cn[len(META_CERT_PREFIX) :])
-            except ValueError:
-                continue
-            if len(key) == KEY_LEN:
-                return key
-    return None
+# -- the steps of connecting, shared with derpbox.checks ------------------------------------
 
 
-class _TLSSocket:
+def open_tcp(host: str, port: int, timeout: float, *, preamble: bytes = b"",
+             source: tuple[str, int] | None = None) -> socket.socket:
+    """A TCP connection with Nagle off; ``preamble`` (e.g. a PROXY protocol header) goes first, before TLS."""
+    sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if preamble:
+            sock.sendall(preamble)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def server_name_for(host: str) -> str | None:
+    """The SNI to send when dialing ``host``: Go sends none for an IP literal."""
+    return None if netaddr.is_ip(host) else host
+
+
+class TLSStream:
     """Blocking pyOpenSSL connection with the socket-like calls the client uses."""
 
-    def __init__(self, sock: socket.socket, server_name: str | None, cafile: str | None, timeout: float):
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        if cafile:
-            ctx.load_verify_locations(cafile)
-            ctx.set_verify(SSL.VERIFY_PEER, lambda *a: a[-1])
-        self.conn = SSL.Connection(ctx, sock)
-        if server_name:
-            self.conn.set_tlsext_host_name(server_name.encode())
-        self.conn.set_connect_state()
-        sock.settimeout(None)
-        sock.setblocking(True)
+    def __init__(self, conn: SSL.Connection, sock: socket.socket):
+        self.conn = conn
         self.sock = sock
-        self._timeout = timeout
-        self.conn.do_handshake()
+
+    @property
+    def version(self) -> str:
+        return self.conn.get_protocol_version_name()
+
+    @property
+    def peer_chain(self) -> list:
+        """The server's certificates (pyOpenSSL X509) as presented, meta-certificate included."""
+        return self.conn.get_peer_cert_chain() or []
 
     def sendall(self, data: bytes) -> None:
         self.conn.sendall(data)
@@ -132,6 +134,80 @@ class _TLSSocket:
         except SSL.Error:
             pass
         self.sock.close()
+
+
+def start_tls(sock: socket.socket, server_name: str | None, timeout: float, cafile: str | None = None) -> TLSStream:
+    """TLS 1.2 or later over ``sock``, the handshake finished within ``timeout``; reads then
+    time out after ``timeout``. Any certificate is accepted unless ``cafile`` names the CAs
+    to verify against (the checks verify chains themselves, with better messages)."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    if cafile:
+        ctx.load_verify_locations(cafile)
+        ctx.set_verify(SSL.VERIFY_PEER, lambda *a: a[-1])
+    conn = SSL.Connection(ctx, sock)
+    if server_name:
+        conn.set_tlsext_host_name(server_name.encode())
+    conn.set_connect_state()
+    # A non-blocking handshake, so that a peer that never answers cannot outlast the timeout.
+    sock.setblocking(False)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.do_handshake()
+            break
+        except SSL.WantReadError:
+            want = ([sock], [])
+        except SSL.WantWriteError:
+            want = ([], [sock])
+        left = deadline - time.monotonic()
+        if left <= 0 or not any(select.select(*want, [], left)[:2]):
+            raise TimeoutError(f"TLS handshake not finished within {timeout:g} s")
+    sock.setblocking(True)
+    stream = TLSStream(conn, sock)
+    stream.settimeout(timeout)
+    return stream
+
+
+def upgrade_request(host_header: str, path: str = "/derp", *, user_agent: str = USER_AGENT,
+                    fast_start: bool = False, headers: dict[str, str] | None = None) -> bytes:
+    """The HTTP request that asks the server to switch the connection to DERP (spec 2.1)."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host_header}", f"User-Agent: {user_agent}",
+             "Connection: Upgrade", "Upgrade: DERP"]
+    if fast_start:
+        lines.append("Derp-Fast-Start: 1")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_response_head(stream) -> tuple[bytes, bytes]:
+    """An HTTP response head (up to and including its blank line), and the bytes read past it."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_RESPONSE_HEAD:
+            raise DERPClientError("HTTP response head too large")
+        chunk = stream.recv(4096)
+        if not chunk:
+            if not buf:
+                raise ConnectionError("connection closed without an HTTP response")
+            raise ConnectionError(f"connection closed during HTTP response: {buf[:200]!r}")
+        buf += chunk
+    end = buf.index(b"\r\n\r\n") + 4
+    return buf[:end], buf[end:]
+
+
+def parse_response_head(head: bytes) -> tuple[int, str, dict[str, str]]:
+    """(status, reason, headers by lowercase name) of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise DERPClientError(f"not an HTTP response: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        k, sep, v = line.partition(":")
+        if sep:
+            headers[k.strip().lower()] = v.strip()
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
 
 
 class DERPClient:
@@ -171,11 +247,7 @@ class DERPClient:
         tls = parts.scheme in ("https", "wss")
         host = parts.hostname or "127.0.0.1"
         port = parts.port or (443 if tls else 80)
-        sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if preamble:
-            # E.g. a PROXY protocol header, which precedes TLS.
-            sock.sendall(preamble)
+        sock = open_tcp(host, port, timeout, preamble=preamble, source=source)
         private_key = private_key or PrivateKey.generate()
         try:
             return cls._handshake(
@@ -194,13 +266,13 @@ class DERPClient:
         meta_key = None
         stream = sock
         if tls:
-            sni = server_name if server_name is not None else _sni_for(host)
-            stream = _TLSSocket(sock, sni, cafile, timeout)
-            tls_version = stream.conn.get_protocol_version_name()
-            chain = stream.conn.get_peer_cert_chain() or []
+            sni = server_name if server_name is not None else server_name_for(host)
+            stream = start_tls(sock, sni, timeout, cafile)
+            tls_version = stream.version
+            chain = stream.peer_chain
             # The Go client trusts the meta-certificate only on TLS 1.3 (spec 8.3).
             if tls_version == "TLSv1.3":
-                meta_key = meta_cert_key(chain)
+                meta_key = meta_certificate_key([c.to_cryptography() for c in chain])
         stream.settimeout(timeout)
         client = cls(stream, private_key, websocket=websocket)
         host_header = host if port in (80, 443) else f"{host}:{port}"
@@ -211,18 +283,13 @@ class DERPClient:
             info["meshKey"] = mesh_key.hex()
         use_fast = bool(fast_start and meta_key and not websocket)
         if websocket:
-            key = base64.b64encode(os.urandom(16)).decode()
+            key = ws.new_client_key()
             stream.sendall(ws.client_handshake_request(host_header, path=path, key=key))
             head_bytes = client._read_head()
             ws.check_client_handshake_response(head_bytes, key)
             status = 101
         else:
-            lines = [f"GET {path} HTTP/1.1", f"Host: {host_header}", "User-Agent: derpbox-client",
-                     "Connection: Upgrade", "Upgrade: DERP"]
-            if use_fast:
-                lines.append("Derp-Fast-Start: 1")
-            lines += [f"{k}: {v}" for k, v in headers.items()]
-            request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+            request = upgrade_request(host_header, path, fast_start=use_fast, headers=headers)
             if use_fast:
                 # As Go does: request head and ClientInfo in one write, no wait for 101.
                 stream.sendall(request + client_info_frame(private_key, meta_key, info))
@@ -230,7 +297,7 @@ class DERPClient:
             else:
                 stream.sendall(request)
                 head = client._read_head()
-                status = _status_of(head)
+                status = parse_response_head(head)[0]
                 if status != 101:
                     raise DERPClientError(f"server answered HTTP {status} to the DERP upgrade")
         frame = client._next_frame()
@@ -252,19 +319,10 @@ class DERPClient:
 
     def _read_head(self) -> bytes:
         """Read an HTTP response head; bytes after it stay buffered as stream data."""
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.stream.recv(4096)
-            if not chunk:
-                raise DERPClientError(f"connection closed during HTTP response: {buf[:200]!r}")
-            buf += chunk
-            if len(buf) > 65536:
-                raise DERPClientError("HTTP response head too large")
-        end = buf.index(b"\r\n\r\n") + 4
-        rest = buf[end:]
+        head, rest = read_response_head(self.stream)
         if rest:
             self._ingest(rest)
-        return buf[:end]
+        return head
 
     # -- I/O --------------------------------------------------------------
 
@@ -348,20 +406,4 @@ class DERPClient:
             self.stream.close()
         except OSError:
             pass
-
-
-def _sni_for(host: str) -> str | None:
-    # Go sends no SNI for IP literals.
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-        return None
-    except OSError:
-        return host
-
-
-def _status_of(head: bytes) -> int:
-    try:
-        return int(head.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        raise DERPClientError(f"malformed HTTP status line: {head[:80]!r}") from None
 

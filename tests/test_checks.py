@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import os
 import socket
 import time
 
@@ -17,9 +18,16 @@ from nacl.public import PrivateKey
 from twisted.internet import protocol, reactor
 from twisted.internet import ssl as tssl
 from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import TimeoutFactory
+from twisted.protocols.portforward import ProxyFactory
 
-from derpbox import checks
-from derpbox.client import DERPClient
+from derpbox.checks.certificates import check_cert_name_rules, name_matches, validity
+from derpbox.checks.command import check_main
+from derpbox.checks.healthcheck import healthcheck_main
+from derpbox.checks.results import FAIL, OK, WARN
+from derpbox.client import DERPClient, read_response_head
+from derpbox.keys import load_or_create_key
+from derpbox.tls.metacert import is_meta_certificate, make_meta_certificate, meta_certificate_key
 
 from .conftest import make_cert
 from .fakes.headscale import FakeHeadscale
@@ -100,7 +108,7 @@ def html_tls_server(request):
 def test_healthcheck_passes_tls_ip_mode(start_server):
     server = yield start_server()
     start = time.monotonic()
-    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server))
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server))
     assert time.monotonic() - start < 2
     assert code == 0, text
     assert line(text, "tls").startswith("ok   tls: TLSv1.3, certificate valid 36")
@@ -113,7 +121,7 @@ def test_healthcheck_passes_tls_ip_mode(start_server):
 @pytest_twisted.inlineCallbacks
 def test_healthcheck_passes_plain_http(start_server):
     server = yield start_server(tls=False)
-    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server, tls=False))
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server, tls=False))
     assert code == 0, text
     assert "tls:" not in text
     assert line(text, "relay").startswith("ok")
@@ -125,7 +133,7 @@ def test_healthcheck_fails_when_stun_is_off(start_server):
     server = yield start_server("-stun=false")
     assert server.service.stun_port is None
     dead = free_port(socket.SOCK_DGRAM)
-    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server, stun_port=dead))
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server, stun_port=dead))
     assert code == 1, text
     assert line(text, "stun").startswith(f"FAIL stun: 127.0.0.1:{dead}")
     assert line(text, "relay").startswith("ok")
@@ -139,32 +147,25 @@ def test_healthcheck_expired_certificate(start_server, html_tls_server, tmp_path
     port = html_tls_server(crt, key)
     flags = ["-a", f"127.0.0.1:{port}", "-certmode", "manual", "-certdir", str(tmp_path / "expired"),
              "-hostname", "127.0.0.1", "-c", str(tmp_path / "k.key"), "-stun=false", "-http-port", "-1"]
-    code, text = yield deferToThread(run, checks.healthcheck_main, flags)
+    code, text = yield deferToThread(run, healthcheck_main, flags)
     assert code == 1
     assert line(text, "tls").startswith("FAIL tls: TLSv1.3, certificate expired at")
 
     _, crt, key = make_cert(tmp_path / "soon", "127.0.0.1", days=5)
     port = html_tls_server(crt, key)
     flags[1] = f"127.0.0.1:{port}"
-    code, text = yield deferToThread(run, checks.healthcheck_main, flags)
+    code, text = yield deferToThread(run, healthcheck_main, flags)
     assert line(text, "tls").startswith("WARN tls: TLSv1.3, certificate expires in 4 days")
 
 
-def test_validity_window():
-    _, crt, _ = make_cert_tmp()
+def test_validity_window(tmp_path):
+    _, crt, _ = make_cert(tmp_path, "derp.test", days=30)
     cert = x509.load_pem_x509_certificates(crt.read_bytes())[0]
     now = datetime.datetime.now(datetime.timezone.utc)
-    assert checks.validity(cert, now)[0] == checks.OK
-    assert checks.validity(cert, now - datetime.timedelta(days=2))[0] == checks.FAIL
-    assert "not valid before" in checks.validity(cert, now - datetime.timedelta(days=2))[1]
-    assert checks.validity(cert, now + datetime.timedelta(days=20))[0] == checks.WARN
-
-
-def make_cert_tmp():
-    import tempfile
-    from pathlib import Path
-
-    return make_cert(Path(tempfile.mkdtemp()), "derp.test", days=30)
+    assert validity(cert, now)[0] == OK
+    assert validity(cert, now - datetime.timedelta(days=2))[0] == FAIL
+    assert "not valid before" in validity(cert, now - datetime.timedelta(days=2))[1]
+    assert validity(cert, now + datetime.timedelta(days=20))[0] == WARN
 
 
 @pytest_twisted.inlineCallbacks
@@ -172,7 +173,7 @@ def test_healthcheck_admission_backend_down_but_relay_passes(start_server):
     closed = free_port()
     url = f"http://127.0.0.1:{closed}/verify"
     server = yield start_server("-verify-client-url", url)  # fail-open: the server runs
-    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server, "-verify-client-url", url))
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server, "-verify-client-url", url))
     assert code == 1, text
     assert line(text, f"admission {url}").startswith(f"FAIL admission {url}: unreachable: connection refused")
     assert line(text, "relay").startswith("ok")
@@ -186,7 +187,7 @@ def test_healthcheck_relay_passes_with_verification_rejecting_strangers(start_se
     stranger_admitted = yield deferToThread(_admitted, server.url)
     assert not stranger_admitted  # so the relay check below passes only thanks to the health key
     flags = hc_flags(server, "-verify-client-url", hs.url, "-verify-client-url-fail-open=false")
-    code, text = yield deferToThread(run, checks.healthcheck_main, flags)
+    code, text = yield deferToThread(run, healthcheck_main, flags)
     assert code == 0, text
     assert line(text, "relay").startswith("ok")
     assert line(text, f"admission {hs.url}").startswith("ok")
@@ -194,10 +195,8 @@ def test_healthcheck_relay_passes_with_verification_rejecting_strangers(start_se
     # Without the key file (another key), the test clients are strangers too.
     other = server.tmp / "other.key"
     flags[flags.index("-c") + 1] = str(other)
-    from derpbox.keys import load_or_create_key
-
     load_or_create_key(str(other))
-    code, text = yield deferToThread(run, checks.healthcheck_main, flags)
+    code, text = yield deferToThread(run, healthcheck_main, flags)
     assert code == 1 and line(text, "relay").startswith("FAIL")
 
 
@@ -218,7 +217,7 @@ def test_check_ip_mode_with_sha256_raw_map(start_server, tmp_path):
     pin = leaf_sha256(tmp_path / "certs" / "127.0.0.1.crt")
     path = write_map(tmp_path / "map.json", HostName="127.0.0.1", IPv4="127.0.0.1", CertName=f"sha256-raw:{pin}",
                      DERPPort=server.port, STUNPort=server.service.stun_port, CanPort80=True)
-    code, text = yield deferToThread(run, checks.check_main, [path, "--http-port", str(server.service.http_port)])
+    code, text = yield deferToThread(run, check_main, [path, "--http-port", str(server.service.http_port)])
     assert code == 0, text
     for name in ("tcp4", "tls", "meta-cert", "upgrade", "relay", "fast-start", "latency-check", "stun4",
                  "captive-portal"):
@@ -226,8 +225,8 @@ def test_check_ip_mode_with_sha256_raw_map(start_server, tmp_path):
     assert line(text, "stun6").startswith("skip")
     assert "DIAGNOSIS" not in text
 
-    code, text = yield deferToThread(run, checks.check_main, [path, "--json", "--region", "900",
-                                                              "--http-port", str(server.service.http_port)])
+    code, text = yield deferToThread(run, check_main, [path, "--json", "--region", "900",
+                                                       "--http-port", str(server.service.http_port)])
     doc = json.loads(text)
     assert code == 0 and doc["ok"] is True
     node = doc["nodes"][0]
@@ -242,7 +241,7 @@ def test_check_ip_mode_with_sha256_raw_map(start_server, tmp_path):
     # A wrong pin is diagnosed with the right one.
     write_map(tmp_path / "bad.json", HostName="127.0.0.1", IPv4="127.0.0.1", CertName="sha256-raw:" + "ab" * 32,
               DERPPort=server.port, STUNPort=server.service.stun_port)
-    code, text = yield deferToThread(run, checks.check_main, [str(tmp_path / "bad.json")])
+    code, text = yield deferToThread(run, check_main, [str(tmp_path / "bad.json")])
     assert code == 1
     assert line(text, "tls").startswith("FAIL tls: TLSv1.3, certificate does not match the sha256-raw pin")
     assert f'CertName to "sha256-raw:{pin}"' in text
@@ -254,19 +253,19 @@ def test_check_dns_name_with_ca_file_and_wrong_name(start_server, tmp_path):
     server = yield start_server("-hostname", "derp.test")
     base = dict(HostName="derp.test", IPv4="127.0.0.1", DERPPort=server.port, STUNPort=server.service.stun_port)
     path = write_map(tmp_path / "map.json", **base)
-    code, text = yield deferToThread(run, checks.check_main, [path, "--ca-file", str(ca)])
+    code, text = yield deferToThread(run, check_main, [path, "--ca-file", str(ca)])
     assert code == 0, text
     assert line(text, "tls").startswith("ok   tls: TLSv1.3, certificate valid 8")
     assert "verified for derp.test" in text
     assert line(text, "relay").startswith("ok")
 
     # Without the private CA the chain is not trusted.
-    code, text = yield deferToThread(run, checks.check_main, [path])
+    code, text = yield deferToThread(run, check_main, [path])
     assert code == 1 and line(text, "tls").startswith("FAIL tls: TLSv1.3, certificate for derp.test not trusted")
 
     # CertName naming another host: the certificate is fine, but for derp.test.
     path = write_map(tmp_path / "wrong.json", CertName="derp.example.com", **base)
-    code, text = yield deferToThread(run, checks.check_main, [path, "--ca-file", str(ca)])
+    code, text = yield deferToThread(run, check_main, [path, "--ca-file", str(ca)])
     assert code == 1
     assert line(text, "tls").startswith("FAIL tls: TLSv1.3, certificate is valid but not for derp.example.com")
     assert "DIAGNOSIS: wrong certificate name: the certificate is for derp.test, not derp.example.com (CertName)" in text
@@ -280,7 +279,7 @@ def test_check_diagnoses_closed_port_80(start_server, tmp_path):
     path = write_map(tmp_path / "map.json", HostName="127.0.0.1", IPv4="127.0.0.1", CertName=f"sha256-raw:{pin}",
                      DERPPort=server.port, STUNPort=server.service.stun_port, CanPort80=True)
     closed = free_port()
-    code, text = yield deferToThread(run, checks.check_main, [path, "--http-port", str(closed)])
+    code, text = yield deferToThread(run, check_main, [path, "--http-port", str(closed)])
     assert code == 1
     assert line(text, "captive-portal").startswith(f"FAIL captive-portal: http://127.0.0.1:{closed}/generate_204")
     assert "but the DERP map says CanPort80" in text
@@ -289,7 +288,7 @@ def test_check_diagnoses_closed_port_80(start_server, tmp_path):
     # Something else (a web server) on port 80 does not echo the challenge.
     other = reactor.listenTCP(0, protocol.Factory.forProtocol(HTMLProxy), interface="127.0.0.1")
     try:
-        code, text = yield deferToThread(run, checks.check_main, [path, "--http-port", str(other.getHost().port)])
+        code, text = yield deferToThread(run, check_main, [path, "--http-port", str(other.getHost().port)])
     finally:
         yield other.stopListening()
     assert code == 1
@@ -303,7 +302,7 @@ def test_check_diagnoses_stun_unreachable(start_server, tmp_path):
     pin = leaf_sha256(tmp_path / "certs" / "127.0.0.1.crt")
     path = write_map(tmp_path / "map.json", HostName="127.0.0.1", IPv4="127.0.0.1", CertName=f"sha256-raw:{pin}",
                      DERPPort=server.port, STUNPort=free_port(socket.SOCK_DGRAM))
-    code, text = yield deferToThread(run, checks.check_main, [path, "--timeout", "1"])
+    code, text = yield deferToThread(run, check_main, [path, "--timeout", "1"])
     assert code == 1
     assert line(text, "stun4").startswith("FAIL")
     assert "DIAGNOSIS: STUN unreachable: allow UDP" in text
@@ -313,7 +312,7 @@ def test_check_diagnoses_stun_unreachable(start_server, tmp_path):
 def test_check_diagnoses_http_proxy_in_front(html_tls_server, tmp_path):
     ca, crt, key = make_cert(tmp_path / "proxy", "127.0.0.1")
     port = html_tls_server(crt, key)
-    code, text = yield deferToThread(run, checks.check_main,
+    code, text = yield deferToThread(run, check_main,
                                      [f"https://127.0.0.1:{port}", "--ca-file", str(ca), "--stun-port", "-1"])
     assert code == 1
     assert line(text, "tls").startswith("ok")
@@ -326,8 +325,8 @@ def test_check_diagnoses_http_proxy_in_front(html_tls_server, tmp_path):
 
 def test_check_usage_errors():
     out = io.StringIO()
-    assert checks.check_main(["/nonexistent/map.json"], {}, out=out) == 2
-    assert checks.check_main(["http://example.com"], {}, out=io.StringIO()) == 2
+    assert check_main(["/nonexistent/map.json"], {}, out=out) == 2
+    assert check_main(["http://example.com"], {}, out=io.StringIO()) == 2
 
 
 def test_cert_name_rules_unit(tmp_path):
@@ -335,24 +334,47 @@ def test_cert_name_rules_unit(tmp_path):
     chain = x509.load_pem_x509_certificates(crt.read_bytes())
     # A chain (leaf + CA) cannot be pinned: "exactly one other certificate".
     pin = "sha256-raw:" + chain[0].fingerprint(hashes.SHA256()).hex()
-    status, detail, _ = checks.check_cert_name_rules(chain, "derp.test", pin, "derp.test", None)
-    assert status == checks.FAIL and "exactly one" in detail
-    status, _, _ = checks.check_cert_name_rules(chain[:1], "derp.test", pin, "derp.test", None)
-    assert status == checks.OK
+    status, detail, _ = check_cert_name_rules(chain, "derp.test", pin, "derp.test", None)
+    assert status == FAIL and "exactly one" in detail
+    status, _, _ = check_cert_name_rules(chain[:1], "derp.test", pin, "derp.test", None)
+    assert status == OK
     # Uppercase hex fails, as in Go.
-    status, _, diag = checks.check_cert_name_rules(chain[:1], "derp.test", pin.upper().replace("SHA256-RAW", "sha256-raw"),
-                                                   "derp.test", None)
-    assert status == checks.FAIL and "lowercase" in diag[0]
-    assert checks.name_matches(chain[0], "DERP.test.") and not checks.name_matches(chain[0], "x.derp.test")
+    status, _, diag = check_cert_name_rules(chain[:1], "derp.test", pin.upper().replace("SHA256-RAW", "sha256-raw"),
+                                            "derp.test", None)
+    assert status == FAIL and "lowercase" in diag[0]
+    assert name_matches(chain[0], "DERP.test.") and not name_matches(chain[0], "x.derp.test")
+
+
+def test_meta_certificate_key_is_found_after_the_leaf(tmp_path):
+    _, crt, _ = make_cert(tmp_path, "derp.test")
+    leaf = x509.load_pem_x509_certificates(crt.read_bytes())[0]
+    key = os.urandom(32)
+    meta = make_meta_certificate(key)
+    assert is_meta_certificate(meta) and not is_meta_certificate(leaf)
+    assert meta_certificate_key([leaf, meta]) == key
+    assert meta_certificate_key([leaf]) is None
+
+
+class ChunkStream:
+    def __init__(self, *chunks: bytes):
+        self.chunks = list(chunks)
+
+    def recv(self, n: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_response_head_and_what_follows_it():
+    head, rest = read_response_head(ChunkStream(b"HTTP/1.1 101 Switching\r\nUpgrade: DERP\r", b"\n\r\n\x01\x02"))
+    assert head == b"HTTP/1.1 101 Switching\r\nUpgrade: DERP\r\n\r\n" and rest == b"\x01\x02"
+    with pytest.raises(ConnectionError, match="without an HTTP response"):
+        read_response_head(ChunkStream())
+    with pytest.raises(ConnectionError, match="during HTTP response"):
+        read_response_head(ChunkStream(b"HTTP/1.1 200 OK\r\n"))
 
 
 @pytest_twisted.inlineCallbacks
 def test_check_diagnoses_an_idle_timeout_shorter_than_the_keepalive(start_server, tmp_path):
     """A TCP proxy that cuts connections idle for 1 s sits in front; a 3 s idle test catches it."""
-    from twisted.internet import reactor
-    from twisted.protocols.policies import TimeoutFactory
-    from twisted.protocols.portforward import ProxyFactory
-
     server = yield start_server()
     proxy = reactor.listenTCP(0, TimeoutFactory(ProxyFactory("127.0.0.1", server.port), timeoutPeriod=1),
                               interface="127.0.0.1")
@@ -360,14 +382,14 @@ def test_check_diagnoses_an_idle_timeout_shorter_than_the_keepalive(start_server
         pin = leaf_sha256(tmp_path / "certs" / "127.0.0.1.crt")
         path = write_map(tmp_path / "map.json", HostName="127.0.0.1", IPv4="127.0.0.1", CertName=f"sha256-raw:{pin}",
                          DERPPort=proxy.getHost().port, STUNPort=-1)
-        code, text = yield deferToThread(run, checks.check_main, [path, "--idle-test", "3"])
+        code, text = yield deferToThread(run, check_main, [path, "--idle-test", "3"])
         assert code == 1, text
         assert line(text, "idle").startswith("FAIL"), text
         assert "DIAGNOSIS" in text and "keepalive" in text.lower(), text
         # Straight to derpbox, the same idle test passes.
         path = write_map(tmp_path / "direct.json", HostName="127.0.0.1", IPv4="127.0.0.1",
                          CertName=f"sha256-raw:{pin}", DERPPort=server.port, STUNPort=-1)
-        code, text = yield deferToThread(run, checks.check_main, [path, "--idle-test", "3"])
+        code, text = yield deferToThread(run, check_main, [path, "--idle-test", "3"])
         assert code == 0 and line(text, "idle").startswith("ok"), text
     finally:
         yield proxy.stopListening()
@@ -380,10 +402,10 @@ def test_healthcheck_behind_proxy_protocol_sends_local_header(start_server, mode
     127.0.0.1) must say LOCAL first, or derpbox closes its connections."""
     flags = ("-proxy-protocol", mode, "-trusted-proxies", "127.0.0.1")
     server = yield start_server(*flags)
-    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server) + list(flags))
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server) + list(flags))
     assert code == 0, text
     for name in ("tls", "probe", "relay", "http"):
         assert line(text, name).startswith("ok"), text
     # Without the header the same checks fail: the preamble is what makes them pass.
-    code, text = yield deferToThread(run, checks.healthcheck_main, hc_flags(server))
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server))
     assert code == 1 and line(text, "relay").startswith("FAIL"), text

@@ -10,6 +10,7 @@ import ipaddress
 import struct
 import zlib
 
+# RFC 5389's port: derper's default, and what a DERP map node with STUNPort 0 means.
 DEFAULT_STUN_PORT = 3478
 
 MAGIC_COOKIE = b"\x21\x12\xa4\x42"

@@ -1,0 +1,192 @@
+"""``derpbox healthcheck``: the local instance, checked with the server's own settings,
+within about a second (Docker's HEALTHCHECK)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+from functools import partial
+from urllib.parse import urlsplit
+
+from .. import netaddr
+from ..admission.tailscaled import DEFAULT_SOCKETS
+from ..config import ConfigError, UsageRequested, load_settings
+from ..keys import health_key, load_or_create_key
+from ..protocol.proxy import local_preamble
+from .certificates import leaf_of, validity
+from .probes import host_header, http_request, relay_test, stun_roundtrip, tls_handshake
+from .results import FAIL, OK, WARN, CheckFailed, Result, describe_error
+from .runner import Check, run_checks, skipped
+
+# A well-formed node key nobody has, for asking an admission URL whether it answers at all.
+PROBE_NODE_KEY = "nodekey:" + "00" * 32
+_CHALLENGE = "ts_healthcheck"
+
+
+def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
+    local = LocalInstance(settings, timeout)
+    results = run_checks(local.checks(), deadline=max(1.5, timeout + 0.5))
+    if local.key_problem and not local.verifying and settings.key_path:
+        results.append(Result("key", WARN, local.key_problem))
+    return results
+
+
+def healthcheck_main(argv: list[str], environ=os.environ, out=None) -> int:
+    """``derpbox healthcheck [derper flags]``: the same settings as the server, checked locally."""
+    out = out or sys.stdout
+    try:
+        settings = load_settings(argv, environ)
+    except UsageRequested as u:
+        out.write("usage: derpbox healthcheck [the server's flags]\n"
+                  "Checks the local derpbox started with these flags/DERP_* variables.\n\n" + u.usage)
+        return 0
+    except ConfigError as e:
+        out.write(f"FAIL config: {e}\n")
+        return 2
+    results = healthcheck(settings)
+    for r in results:
+        out.write(r.line() + "\n")
+    out.flush()
+    return 1 if any(r.status == FAIL for r in results) else 0
+
+
+class LocalInstance:
+    """The checks of the derpbox that runs with ``settings`` on this machine."""
+
+    def __init__(self, settings, timeout: float):
+        self.settings = settings
+        self.timeout = timeout
+        self.host = _local_host(settings.listen_host)
+        self.port = settings.listen_port
+        self.tls = settings.use_tls
+        self.sni = None if settings.hostname_is_ip or not settings.hostname else settings.hostname
+        self.host_header = host_header(settings.hostname if self.sni else self.host, self.port, 443 if self.tls else 80)
+        self.mesh_key, self.key_problem = _health_key(settings.key_path)
+        self.verifying = bool(settings.verify_clients or settings.verify_client_urls
+                              or getattr(settings, "verify_allowlist_file", ""))
+        self.preamble = _proxy_preamble(settings, self.host)
+
+    def checks(self) -> list[Check]:
+        s = self.settings
+        checks: list[Check] = []
+        if self.tls:
+            checks.append(("tls", self.check_tls))
+        checks.append(("probe", self.check_probe))
+        checks.append(("relay", self.check_relay) if s.derp else skipped("relay", "DERP disabled (-derp=false)"))
+        checks.append(("stun", self.check_stun) if s.stun else skipped("stun", "STUN disabled (-stun=false)"))
+        if self.tls and s.http_port >= 0:
+            checks.append(("http", self.check_port80))
+        if s.verify_clients:
+            checks.append(("admission tailscaled", self.check_tailscaled))
+        checks += [(f"admission {_redact(url)}", partial(self.check_admission_url, url))
+                   for url in s.verify_client_urls]
+        return checks
+
+    def check_tls(self) -> Result:
+        info = tls_handshake(self.host, self.port, self.sni, self.timeout, self.preamble)
+        leaf = leaf_of(info.chain)
+        if leaf is None:
+            raise CheckFailed(f"{info.version}, but no certificate presented")
+        status, text = validity(leaf)
+        return Result("tls", status, f"{info.version}, {text}", data={"version": info.version})
+
+    def check_probe(self) -> Result:
+        r = http_request(self.host, self.port, "/derp/probe", tls=self.tls, sni=self.sni,
+                         host_header=self.host_header, timeout=self.timeout, preamble=self.preamble)
+        if r.status != 200:
+            raise CheckFailed(f"GET /derp/probe answered {r.status}")
+        return Result("probe", OK, "GET /derp/probe 200")
+
+    def check_relay(self) -> Result:
+        if self.verifying and self.mesh_key is None:
+            raise CheckFailed(f"{self.key_problem}; client verification is on, so the test clients cannot be admitted")
+        url = f"{'https' if self.tls else 'http'}://{host_header(self.host, self.port, -1)}/derp"
+        facts = relay_test(url, sni=self.sni, timeout=self.timeout, mesh_key=self.mesh_key, preamble=self.preamble)
+        return Result("relay", OK, f"packet relayed between two fresh keys in {facts['rtt'] * 1000:.1f} ms"
+                      + (" (fast start)" if facts["fast_start"] else ""))
+
+    def check_stun(self) -> Result:
+        port = self.settings.stun_port
+        stun_host = self.host if self.settings.listen_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        ip, p, rtt = stun_roundtrip(stun_host, port, min(self.timeout, 0.5))
+        return Result("stun", OK, f"{host_header(stun_host, port, -1)} answered in "
+                      f"{rtt * 1000:.1f} ms (mapped {ip}:{p})")
+
+    def check_port80(self) -> Result:
+        port = self.settings.http_port
+        r = http_request(self.host, port, "/generate_204", tls=False, sni=None,
+                         host_header=host_header(self.host, port, 80), timeout=self.timeout,
+                         headers={"X-Tailscale-Challenge": _CHALLENGE}, preamble=self.preamble)
+        if r.status != 204 or r.headers.get("x-tailscale-response") != f"response {_CHALLENGE}":
+            raise CheckFailed(f"GET /generate_204 on port {port} answered {r.status} without the challenge response")
+        return Result("http", OK, f"port {port} /generate_204 answered 204 with the challenge")
+
+    def check_tailscaled(self) -> Result:
+        paths = [self.settings.socket] if self.settings.socket else [p for p in DEFAULT_SOCKETS if os.path.exists(p)]
+        if not paths:
+            raise CheckFailed(f"no tailscaled socket at any of {', '.join(DEFAULT_SOCKETS)}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.timeout)
+            try:
+                s.connect(paths[0])
+            except OSError as e:
+                raise CheckFailed(f"cannot connect to {paths[0]}: {e.strerror or e}") from None
+        return Result("admission tailscaled", OK, f"{paths[0]} accepts connections")
+
+    def check_admission_url(self, url: str) -> Result:
+        body = json.dumps({"NodePublic": PROBE_NODE_KEY, "Source": "127.0.0.1"}).encode()
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            why = describe_error(reason) if isinstance(reason, BaseException) else reason
+            raise CheckFailed(f"unreachable: {why}") from None
+        return Result(f"admission {_redact(url)}", OK, f"reachable (HTTP {status})")
+
+
+def _local_host(listen_host: str) -> str:
+    if listen_host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if listen_host == "::":
+        return "::1"
+    return listen_host
+
+
+def _health_key(key_path: str) -> tuple[bytes | None, str | None]:
+    """(the health key that admits the test clients, or why there is none)."""
+    if not key_path:
+        return None, None
+    if not os.path.exists(key_path):
+        return None, f"server key {key_path} does not exist"
+    try:
+        return health_key(load_or_create_key(key_path)), None
+    except (OSError, ValueError) as e:
+        return None, f"cannot read the server key {key_path}: {e}"
+
+
+def _proxy_preamble(settings, host: str) -> bytes:
+    """With -proxy-protocol v1/v2 a trusted proxy must send a header: when this checker
+    connects from a trusted address, it says LOCAL (keep my own address)."""
+    if settings.proxy_protocol not in ("v1", "v2"):
+        return b""
+    if netaddr.in_networks(netaddr.parse_ip(host), netaddr.parse_networks(settings.trusted_proxies)):
+        return local_preamble(settings.proxy_protocol)
+    return b""
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password or parts.query:
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        return f"{parts.scheme}://{netloc}{parts.path}" + ("?…" if parts.query else "")
+    return url
