@@ -19,11 +19,12 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from . import __version__
 from .counters import Metric
 
-__all__ = ["CONTENT_TYPE", "Family", "Metrics", "TLSStats", "render", "open_fds"]
+__all__ = ["CONTENT_TYPE", "Family", "Metrics", "declared", "render", "open_fds"]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,38 +32,12 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-class TLSStats:
-    """TLS listener counters: derper's tls_listener_* and derper_tls_*_version."""
-
-    __slots__ = ("accepted_connections", "rejected_connections", "request_version", "active_version")
-
-    def __init__(self) -> None:
-        self.accepted_connections = 0
-        self.rejected_connections = 0
-        self.request_version: dict[str, int] = {}
-        self.active_version: dict[str, int] = {}
-
-    def handshake(self, version: str) -> None:
-        self.request_version[version] = self.request_version.get(version, 0) + 1
-        self.active_version[version] = self.active_version.get(version, 0) + 1
-
-    def closed(self, version: str) -> None:
-        self.active_version[version] = self.active_version.get(version, 0) - 1
-
-
-def tls_version_label(openssl_name: str) -> str:
-    """"TLSv1.3" -> "1.3", as derper labels versions."""
-    if openssl_name.startswith("TLSv"):
-        return openssl_name[4:]
-    return openssl_name
-
-
 def declared(stats, metrics: tuple[Metric, ...]) -> list[Family]:
     """The families a stats object declares (derpbox.counters), read from it now."""
     fams = []
     for m in metrics:
         fam = Family(m.name, m.type, m.help)
-        value = getattr(stats, m.attr)
+        value = attrgetter(m.attr)(stats)
         if m.labels:
             for key, v in value.items():
                 fam.add(v, **dict(zip(m.labels, key if isinstance(key, tuple) else (key,))))
@@ -139,22 +114,6 @@ def render(families: list[Family]) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-_ADMISSION_COUNTERS = (
-    ("admitted", "Clients admitted by client verification."),
-    ("rejected", "Clients rejected by client verification."),
-    ("cache_hits", "Admission decisions served from the decision cache."),
-    ("cache_misses", "Admission decisions not found in the decision cache."),
-    ("allowlist_reloads", "Successful reloads of the allowlist file."),
-    ("allowlist_reload_errors", "Failed reloads of the allowlist file (previous list kept)."),
-    ("internal_errors", "Internal errors while checking a client."),
-)
-
-
-# Pre-created so a dashboard sees zeros before the first failure (derpbox.tls.acme's kinds).
-ACME_FAILURE_KINDS = ("directory", "ca_error", "rate_limited", "challenge", "timeout", "network",
-                      "no_challenge", "account", "bad_certificate", "acme", "other")
-
-
 class Metrics:
     """All of derpbox's metrics, read from the live stats objects on demand."""
 
@@ -163,7 +122,7 @@ class Metrics:
         relay,
         stun_stats=None,
         admission_stats=None,
-        tls_stats: TLSStats | None = None,
+        tls_stats=None,
         *,
         cert_source=None,
         start_time: float | None = None,
@@ -196,29 +155,9 @@ class Metrics:
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
-        if self.tls_stats is not None:
-            t = self.tls_stats
-            fams.append(Family("tls_listener_accepted_connections", "counter", "Connections accepted by the TLS listener.").add(t.accepted_connections))
-            fams.append(Family("tls_listener_rejected_connections", "counter", "Connections rejected by the TLS listener's accept limit.").add(t.rejected_connections))
-            rv = Family("derper_tls_request_version", "counter", "Completed TLS handshakes, by negotiated version.")
-            for v, n in sorted(t.request_version.items()):
-                rv.add(n, version=v)
-            av = Family("derper_tls_active_version", "gauge", "Open TLS connections, by negotiated version.")
-            for v, n in sorted(t.active_version.items()):
-                av.add(n, version=v)
-            fams += [rv, av]
-
-        a = self.admission_stats
-        if a is not None:
-            dec = Family("derpbox_admission_decisions", "counter", "Client verification decisions, by check and outcome.")
-            for (check, outcome), v in sorted(a.decisions.items()):
-                dec.add(v, check=check, outcome=outcome)
-            fams.append(dec)
-            for attr, text in _ADMISSION_COUNTERS:
-                fams.append(Family(f"derpbox_admission_{attr}", "counter", text).add(getattr(a, attr)))
-            fams.append(Family("derpbox_admission_allowlist_entries", "gauge", "Keys in the loaded allowlist file.").add(a.allowlist_entries))
-
-        fams += self._certificate_families()
+        for stats in (self.tls_stats, self.admission_stats, self.cert_source):
+            if stats is not None:
+                fams += declared(stats, stats.METRICS)
 
         fams.append(Family("process_start_unix_time", "gauge", "Process start time, seconds since the Unix epoch.").add(int(self.start_time)))
         fams.append(Family("uptime_sec", "counter", "Seconds since the process started.").add(int(self.uptime())))
@@ -226,30 +165,6 @@ class Metrics:
         fams.append(Family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.").add(_resident_bytes()))
         fams.append(Family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.").add(round(_cpu_seconds(), 3)))
         fams.append(Family("process_open_fds", "gauge", "Number of open file descriptors.").add(fds))
-        return fams
-
-    def _certificate_families(self) -> list[Family]:
-        source = self.cert_source
-        if source is None:
-            return []
-        current = source.current()
-        fams = [Family("derpbox_tls_certificate_not_after_seconds", "gauge",
-                       "Expiry of the certificate being served, seconds since the Unix epoch (0: none yet).")
-                .add(int(current.not_after.timestamp()) if current is not None else 0)]
-        acme = getattr(source, "stats", None)
-        if acme is not None:
-            for attr, text in (("orders", "ACME orders placed."), ("issued", "Certificates issued by the ACME CA."),
-                               ("renewals", "Certificates renewed.")):
-                fams.append(Family(f"derpbox_acme_{attr}", "counter", text).add(getattr(acme, attr)))
-            failures = Family("derpbox_acme_failures", "counter", "ACME failures, by kind (the log has the CA's message).")
-            for kind in sorted(set(ACME_FAILURE_KINDS) | set(acme.failures)):
-                failures.add(acme.failures.get(kind, 0), kind=kind)
-            fams.append(failures)
-        if hasattr(source, "reloads"):
-            fams.append(Family("derpbox_tls_certificate_reloads", "counter",
-                               "Certificate files reloaded without a restart.").add(source.reloads))
-            fams.append(Family("derpbox_tls_certificate_reload_failures", "counter",
-                               "Replaced certificate files refused (the old certificate stays).").add(source.reload_failures))
         return fams
 
     def exposition(self) -> bytes:

@@ -21,12 +21,13 @@ from .config import ConfigError, ServeSettings, Settings, load_serve_settings
 from .derpmap import build_node, derpmap_resource
 from .heap import HeapService
 from .keys import load_or_create_key, node_public_text
-from .metrics import Metrics, TLSStats
+from .metrics import Metrics
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
 from .tls.acme import AcmeCertificateSource, default_directory
 from .tls.certs import CertificateError, CertifiedKey, ManualCertificateSource
 from .tls.context import ServerTLS
+from .tls.stats import TLSStats
 from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site

@@ -25,7 +25,8 @@ from twisted.internet.threads import deferToThread
 from twisted.web.test.requesthelper import DummyRequest
 
 from derpbox.client import DERPClient
-from derpbox.metrics import Metrics, TLSStats
+from derpbox.metrics import Metrics
+from derpbox.tls.stats import TLSStats
 from derpbox.protocol import stun
 from derpbox.relay.stats import DROP_REASONS, PACKET_KINDS, RelayStats
 from derpbox.web.debug import DEBUG_CSP, DebugResource, ip_debug_allowed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..counters import counter, gauge
+
 CHECKS = ("tailscaled", "url", "allowlist", "none")
 OUTCOMES = ("allow", "reject", "fail_open", "error")
 
@@ -46,6 +48,19 @@ class AdmissionStats:
     ``Admission.check`` calls.
     """
 
+    METRICS = (
+        counter("decisions", "derpbox_admission_decisions", "Client verification decisions, by check and outcome.",
+                ("check", "outcome")),
+        counter("admitted", "derpbox_admission_admitted", "Clients admitted by client verification."),
+        counter("rejected", "derpbox_admission_rejected", "Clients rejected by client verification."),
+        counter("cache_hits", "derpbox_admission_cache_hits", "Admission decisions served from the decision cache."),
+        counter("cache_misses", "derpbox_admission_cache_misses", "Admission decisions not found in the decision cache."),
+        counter("allowlist_reloads", "derpbox_admission_allowlist_reloads", "Successful reloads of the allowlist file."),
+        counter("allowlist_reload_errors", "derpbox_admission_allowlist_reload_errors",
+                "Failed reloads of the allowlist file (previous list kept)."),
+        counter("internal_errors", "derpbox_admission_internal_errors", "Internal errors while checking a client."),
+        gauge("allowlist_entries", "derpbox_admission_allowlist_entries", "Keys in the loaded allowlist file."),
+    )
     __slots__ = (
         "decisions",
         "admitted",

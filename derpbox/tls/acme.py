@@ -45,7 +45,8 @@ from twisted.logger import Logger
 
 from ..counters import counter
 from ..files import write_atomically
-from .certs import CertificateError, CertificateHolder, CertifiedKey, cert_paths, is_ip_address, load_certified_key
+from ..netaddr import is_ip
+from .certs import CertificateError, CertificateHolder, CertifiedKey, cert_paths, load_certified_key
 
 log = Logger()
 
@@ -172,6 +173,8 @@ def _decode_eab_key(value: str) -> str:
 class AcmeCertificateSource(CertificateHolder, Service):
     """A certificate source that obtains and renews its certificate over ACME."""
 
+    METRICS = CertificateHolder.METRICS + tuple(m._replace(attr="stats." + m.attr) for m in AcmeStats.METRICS)
+
     def __init__(
         self,
         reactor,
@@ -192,7 +195,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
         clock=None,
     ) -> None:
         CertificateHolder.__init__(self)
-        if not hostname or is_ip_address(hostname):
+        if not hostname or is_ip(hostname):
             raise ValueError(f"ACME certificates need a DNS hostname, not {hostname!r}")
         if challenge not in ("auto", HTTP01, TLSALPN01):
             raise ValueError(f"unknown ACME challenge type {challenge!r} (auto, http-01 or tls-alpn-01)")

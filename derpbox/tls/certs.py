@@ -31,7 +31,9 @@ from service_identity.cryptography import (
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..counters import counter, gauge
 from ..files import write_atomically
+from ..netaddr import is_ip
 
 log = Logger()
 
@@ -61,14 +63,6 @@ class MissingFileError(CertificateError):
 def sanitize_hostname(hostname: str) -> str:
     """Drop every character outside ``[A-Za-z0-9.-]``, as derper does for file names."""
     return _UNSAFE_HOSTNAME_CHARS.sub("", hostname)
-
-
-def is_ip_address(hostname: str) -> bool:
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        return False
-    return True
 
 
 def cert_paths(certdir: str | os.PathLike[str], hostname: str) -> tuple[Path, Path]:
@@ -112,6 +106,11 @@ class CertificateSource(Protocol):
 class CertificateHolder:
     """A :class:`CertificateSource` whose owner pushes certificates in with :meth:`publish`."""
 
+    METRICS = (
+        gauge("not_after_seconds", "derpbox_tls_certificate_not_after_seconds",
+              "Expiry of the certificate being served, seconds since the Unix epoch (0: none yet)."),
+    )
+
     def __init__(self, initial: CertifiedKey | None = None) -> None:
         self._current = initial
         self._listeners: list[Listener] = []
@@ -121,6 +120,11 @@ class CertificateHolder:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    @property
+    def not_after_seconds(self) -> int:
+        current = self._current
+        return int(current.not_after.timestamp()) if current is not None else 0
 
     def publish(self, certified_key: CertifiedKey) -> None:
         self._current = certified_key
@@ -168,13 +172,18 @@ class ManualCertificateSource(CertificateHolder):
     counters ``reloads``, ``reload_failures`` and ``last_error`` are for metrics.
     """
 
+    METRICS = CertificateHolder.METRICS + (
+        counter("reloads", "derpbox_tls_certificate_reloads", "Certificate files reloaded without a restart."),
+        counter("reload_failures", "derpbox_tls_certificate_reload_failures",
+                "Replaced certificate files refused (the old certificate stays)."),
+    )
     poll_interval = 1.0
     settle_time = 3.0
 
     def __init__(self, certdir: str | os.PathLike[str], hostname: str) -> None:
         self.hostname = hostname
         self.crt_path, self.key_path = cert_paths(certdir, hostname)
-        if is_ip_address(hostname):
+        if is_ip(hostname):
             certified_key = ensure_ip_self_signed(certdir, hostname)
         else:
             certified_key = load_certified_key(self.crt_path, self.key_path, hostname)
@@ -355,7 +364,7 @@ def _spki(public_key) -> bytes:
 def _verify_hostname(leaf: x509.Certificate, hostname: str, crt_path) -> None:
     # Like Go's VerifyHostname: subjectAltName only, the CN is not consulted.
     try:
-        if is_ip_address(hostname):
+        if is_ip(hostname):
             verify_certificate_ip_address(leaf, hostname)
         else:
             verify_certificate_hostname(leaf, hostname.rstrip("."))

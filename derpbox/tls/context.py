@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..logs import LogThrottle
-from .certs import CertificateSource, CertifiedKey, is_ip_address
+from ..netaddr import is_ip
+from .certs import CertificateSource, CertifiedKey
 from .metacert import make_meta_certificate
 
 log = Logger()
@@ -53,7 +54,7 @@ class ServerTLS:
         self.hostname = hostname
         self.groups = groups
         self.meta_certificate = make_meta_certificate(server_public_key)
-        self._expected_sni = _normalize_name(hostname) if strict_sni and not is_ip_address(hostname) else None
+        self._expected_sni = _normalize_name(hostname) if strict_sni and not is_ip(hostname) else None
         self._throttle = log_throttle or LogThrottle(log)
         # Holds no certificate, so any handshake switched to it (or started
         # on it) fails in OpenSSL with a handshake_failure alert.

@@ -18,7 +18,6 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from ..metrics import TLSStats, tls_version_label
 from ..netaddr import remote_address
 from ..protocol.upgrade import (
     MAX_HEAD,
@@ -33,6 +32,7 @@ from ..protocol.upgrade import (
 from ..protocol.websocket import CloseCode, accept_response, encode_close, negotiated_subprotocol
 from ..relay.peer import Peer
 from ..relay.relay import Relay
+from ..tls.stats import TLSStats, tls_version_label
 from .streams import DERPStream, WebSocketStream
 
 log = Logger()
