@@ -34,6 +34,7 @@ from derpbox.tls.acme import (
 from derpbox.tls.context import ServerTLS
 from derpbox.web.port80 import build_port80_site
 
+from . import support
 from .pebble import Pebble
 
 HOST = "derp.test"
@@ -47,12 +48,9 @@ class Echo(Protocol):
         self.transport.write(data)
 
 
-@pytest_twisted.inlineCallbacks
 def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        yield deferLater(reactor, 0.05, lambda: None)
+    """ACME rounds take seconds: a longer default than the suite's."""
+    return support.wait_for(predicate, timeout)
 
 
 @pytest.fixture
