@@ -37,6 +37,8 @@ from .protocol.handshake import (
     open_server_info,
     parse_server_key,
 )
+from .protocol.upgrade import response_status
+from .protocol.upgrade import upgrade_request as protocol_upgrade_request
 from .tls.metacert import meta_certificate_key
 
 USER_AGENT = "derpbox-client"
@@ -171,13 +173,8 @@ def start_tls(sock: socket.socket, server_name: str | None, timeout: float, cafi
 
 def upgrade_request(host_header: str, path: str = "/derp", *, user_agent: str = USER_AGENT,
                     fast_start: bool = False, headers: dict[str, str] | None = None) -> bytes:
-    """The HTTP request that asks the server to switch the connection to DERP (spec 2.1)."""
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host_header}", f"User-Agent: {user_agent}",
-             "Connection: Upgrade", "Upgrade: DERP"]
-    if fast_start:
-        lines.append("Derp-Fast-Start: 1")
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    """The DERP upgrade request (derpbox.protocol.upgrade), with this client's User-Agent by default."""
+    return protocol_upgrade_request(host_header, path, user_agent=user_agent, fast_start=fast_start, headers=headers)
 
 
 def read_response_head(stream) -> tuple[bytes, bytes]:
@@ -198,16 +195,16 @@ def read_response_head(stream) -> tuple[bytes, bytes]:
 
 def parse_response_head(head: bytes) -> tuple[int, str, dict[str, str]]:
     """(status, reason, headers by lowercase name) of a response head."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise DERPClientError(f"not an HTTP response: {lines[0][:80]!r}")
+    try:
+        status, reason = response_status(head)
+    except ValueError as e:
+        raise DERPClientError(str(e)) from None
     headers = {}
-    for line in lines[1:]:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
         k, sep, v = line.partition(":")
         if sep:
             headers[k.strip().lower()] = v.strip()
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
+    return status, reason, headers
 
 
 class DERPClient:

@@ -27,8 +27,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from . import keys
+from .mesh import spec as mesh_spec
+from .mesh.spec import MeshPeerSpec
 from .netaddr import IPNetwork, is_ip, parse_networks
 from .protocol.stun import DEFAULT_STUN_PORT
+from .tls import pins
 
 DEV_HOST = "127.0.0.1"
 DEV_PORT = 3340
@@ -78,6 +81,11 @@ class Settings:
     home: str
     mesh_psk_file: str
     mesh_with: tuple[str, ...]
+    mesh_key: str = field(repr=False)
+    mesh_peers_file: str
+    mesh_ca_file: str
+    mesh_cert_names: tuple[str, ...]
+    mesh_peers: tuple[MeshPeerSpec, ...]  # -mesh-with parsed, with -mesh-cert-names
     secrets_url: str
     secrets_path_prefix: str
     secrets_cache_dir: str
@@ -151,10 +159,9 @@ _IGNORED_DERPER_FEATURES = {
     "rate_config": "-rate-config",
     "ace": "-ace",
 }
-# Ignoring these would run a different relay than asked for (no mesh, no mesh key): the
+# Ignoring these would run a different relay than asked for (no mesh key): the
 # server refuses to start (load_serve_settings).
 _REFUSED_DERPER_FEATURES = {
-    "mesh_with": "-mesh-with: meshing with other derpbox/derper nodes is not supported yet",
     "secrets_url": "-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file",
 }
 
@@ -298,6 +305,29 @@ def _nonempty(text: str) -> str:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _mesh_entries(text: str) -> tuple[str, ...]:
+    entries = _names(text)
+    for entry in entries:
+        mesh_spec.parse_entry(entry)
+    return entries
+
+
+def _mesh_cert_names(text: str) -> tuple[str, ...]:
+    pairs = _names(text)
+    for pair in pairs:
+        host, sep, cert_name = pair.partition("=")
+        if not sep or not host or not cert_name:
+            raise ValueError(f"{pair!r} is not host[:port]=CertName")
+        pins.parse_pin(cert_name)
+    return pairs
+
+
+def _mesh_key_text(text: str) -> str:
+    if text:
+        keys.parse_mesh_key(text, "the mesh key")
+    return text.strip()
 
 
 def _check_url(text: str) -> str:
@@ -540,9 +570,23 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            "file holding the mesh pre-shared key (64 hex digits)",
            _env("DERP_MESH_PSK_FILE", "MESH_PSKFILE"),
            default_text="first existing of /home/derp/keys/derp-mesh.key, $HOME/keys/derp-mesh.key"),
-    Option("mesh_with", "mesh-with", NAMES, (),
-           "comma-separated hostnames to mesh with (host/dialhost dials dialhost)",
+    Option("mesh_with", "mesh-with", Kind("string", _mesh_entries, "a comma-separated list of host[:port][/dialhost]",
+                                          (str, list)), (),
+           "comma-separated hostnames to mesh with (host/dialhost dials dialhost); this node may be listed",
            _env("DERP_MESH_WITH", "MESH_WITH")),
+    Option("mesh_key", "mesh-key", Kind("string", _mesh_key_text, "64 hex digits"), "",
+           "the mesh pre-shared key itself (64 hex digits), instead of -mesh-psk-file",
+           _env("DERP_MESH_KEY"), secret=True),
+    Option("mesh_peers_file", "mesh-peers-file", TEXT, "",
+           "file of mesh peers, one 'host[:port][/dialhost] [CertName]' a line; re-read when it changes or on SIGHUP",
+           _env("DERP_MESH_PEERS_FILE")),
+    Option("mesh_ca_file", "mesh-ca-file", TEXT, "",
+           "PEM CA certificates trusted for mesh peers, besides the system roots",
+           _env("DERP_MESH_CA_FILE")),
+    Option("mesh_cert_names", "mesh-cert-names",
+           Kind("string", _mesh_cert_names, "a comma-separated list of host[:port]=CertName", (str, list)), (),
+           "certificate name or sha256-raw:<hex> pin per mesh peer, as the DERP map's CertName",
+           _env("DERP_MESH_CERT_NAMES")),
     Option("secrets_url", "secrets-url", Kind("string", _optional_url, "an http:// or https:// URL"), "",
            "setec server URL to fetch the mesh key from", _env("DERP_SECRETS_URL")),
     Option("secrets_path_prefix", "secrets-path-prefix", TEXT, "prod/derp", "setec path prefix of the meshkey secret",
@@ -669,6 +713,8 @@ def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
     values["metrics_allow_networks"] = parse_networks(values["metrics_allow"])
     values["proxy_networks"] = () if values["proxy_protocol"] == "off" else parse_networks(values["trusted_proxies"])
     values["send_queue_depth"] = _send_queue_depth(environ)
+    cert_names = dict(pair.split("=", 1) for pair in values["mesh_cert_names"])
+    values["mesh_peers"] = mesh_spec.parse_entries(values["mesh_with"], cert_names)
     settings = Settings(warnings=tuple(warnings), **values)
     if not settings.version_requested:
         _check_consistency(settings, environ)
@@ -837,12 +883,13 @@ def _from_file(opt: Option, where: str, value: Any) -> Any:
 
 def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
     """Cross-setting rules that derper enforces at start-up."""
-    if s.mesh_with:
-        has_key = bool(environ.get(DEV_MESH_KEY_ENV)) if s.dev else bool(s.mesh_psk_file or s.secrets_url)
+    if s.mesh_with or s.mesh_peers_file:
+        has_key = bool(environ.get(DEV_MESH_KEY_ENV)) if s.dev else bool(s.mesh_key or s.mesh_psk_file or s.secrets_url)
         if not has_key:
             source = f"the {DEV_MESH_KEY_ENV} environment variable (-dev)" if s.dev else (
-                "-mesh-psk-file (DERP_MESH_PSK_FILE) or -secrets-url (DERP_SECRETS_URL)")
-            raise ConfigError(f"-mesh-with (DERP_MESH_WITH) needs a mesh key: set {source}")
+                "-mesh-key (DERP_MESH_KEY), -mesh-psk-file (DERP_MESH_PSK_FILE) or -secrets-url (DERP_SECRETS_URL)")
+            what = "-mesh-with (DERP_MESH_WITH)" if s.mesh_with else "-mesh-peers-file (DERP_MESH_PEERS_FILE)"
+            raise ConfigError(f"{what} needs a mesh key: set {source}")
     if not s.use_tls:
         return
     if not s.certdir:
@@ -899,11 +946,14 @@ def load_serve_settings(settings: Settings, environ: Mapping[str, str]) -> Serve
 
 
 def _mesh_key(settings: Settings, environ: Mapping[str, str]) -> bytes | None:
-    """derper's rule: TAILSCALE_DERPER_MESH_KEY in -dev, else the -mesh-psk-file."""
+    """derper's rule: TAILSCALE_DERPER_MESH_KEY in -dev, else the -mesh-psk-file; -mesh-key
+    (a container's secret variable) before the file."""
     try:
         if settings.dev:
             text = environ.get(DEV_MESH_KEY_ENV, "")
             return keys.parse_mesh_key(text, DEV_MESH_KEY_ENV) if text else None
+        if settings.mesh_key:
+            return keys.parse_mesh_key(settings.mesh_key, "-mesh-key (DERP_MESH_KEY)")
         if settings.mesh_psk_file:
             return keys.load_mesh_key(settings.mesh_psk_file)
     except keys.MeshKeyError as e:

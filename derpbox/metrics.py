@@ -125,6 +125,7 @@ class Metrics:
         tls_stats=None,
         *,
         cert_source=None,
+        mesh_stats=None,
         start_time: float | None = None,
         clock=time.time,
     ) -> None:
@@ -134,6 +135,7 @@ class Metrics:
         self.tls_stats = tls_stats
         # The TLS certificate source (manual files or ACME), None without TLS.
         self.cert_source = cert_source
+        self.mesh_stats = mesh_stats
         self.clock = clock
         self.start_time = clock() if start_time is None else start_time
 
@@ -155,7 +157,7 @@ class Metrics:
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
-        for stats in (self.tls_stats, self.admission_stats, self.cert_source):
+        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats):
             if stats is not None:
                 fams += declared(stats, stats.METRICS)
 

@@ -21,6 +21,7 @@ from .config import ConfigError, ServeSettings, Settings, load_serve_settings
 from .derpmap import build_node, derpmap_resource
 from .heap import HeapService
 from .keys import load_or_create_key, node_public_text
+from .mesh.peers import MeshService
 from .metrics import Metrics
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
@@ -126,7 +127,8 @@ def build_cert_source(settings: Settings, reactor):
 
 
 class _SighupReload:
-    """One SIGHUP handler for the process, reloading every registered manual source.
+    """One SIGHUP handler for the process, reloading every registered source (manual
+    certificates, mesh peers): each has ``reload()`` and a ``reload_label``.
 
     Installed when the first source registers, the previous handler restored
     when the last one leaves, so several services in one process (the tests)
@@ -165,7 +167,8 @@ class _SighupReload:
         self._reactor.callFromThread(self._reload_all)
 
     def _reload_all(self) -> None:
-        log.info("SIGHUP received: reloading TLS certificates")
+        labels = sorted({source.reload_label for source in self.sources})
+        log.info("SIGHUP received: reloading {what}", what=" and ".join(labels))
         for source in list(self.sources):
             source.reload()
 
@@ -182,8 +185,9 @@ class DerpboxService(MultiService):
         self.reactor = reactor
         serve = load_serve_settings(settings, environ)
         self.admission = build_admission(settings, reactor)
+        private_key = load_server_key(settings)
         self.relay = Relay(
-            load_server_key(settings),
+            private_key,
             reactor,
             queue_depth=settings.send_queue_depth,
             write_timeout=settings.tcp_write_timeout,
@@ -191,6 +195,7 @@ class DerpboxService(MultiService):
             admission=self.admission,
         )
         self.cert_source = build_cert_source(settings, reactor) if settings.use_tls else None
+        self.mesh = self._mesh_service(private_key, serve.mesh_key)
         self.stun_stats = STUNStats()
         self.tls_stats = TLSStats() if settings.use_tls else None
         self.metrics = Metrics(
@@ -199,6 +204,7 @@ class DerpboxService(MultiService):
             self.admission.stats if self.admission is not None else None,
             self.tls_stats,
             cert_source=self.cert_source,
+            mesh_stats=self.mesh.stats if self.mesh is not None else None,
         )
         self.site = self._main_site(environ)
         self.front = FrontFactory(
@@ -224,6 +230,22 @@ class DerpboxService(MultiService):
 
     # -- __init__'s builders
 
+    def _mesh_service(self, private_key: PrivateKey, mesh_key: bytes | None) -> MeshService | None:
+        settings = self.settings
+        if mesh_key is None or not (settings.mesh_peers or settings.mesh_peers_file):
+            return None
+        mesh = MeshService(self.relay, private_key, mesh_key, self.reactor, specs=settings.mesh_peers,
+                           peers_file=settings.mesh_peers_file, ca_file=settings.mesh_ca_file)
+        mesh.setServiceParent(self)
+        return mesh
+
+    def consistency_problems(self) -> list[str]:
+        """The relay's and the mesh's invariants, for /debug/check."""
+        problems = self.relay.check_consistency()
+        if self.mesh is not None:
+            problems += self.mesh.problems()
+        return problems
+
     def _main_site(self, environ) -> QuietSite:
         settings = self.settings
         debug = DebugResource(
@@ -231,6 +253,7 @@ class DerpboxService(MultiService):
             hostname=settings.hostname,
             mesh_key_configured=self.relay.mesh_key is not None,
             environ=environ,
+            consistency=self.consistency_problems,
         )
         extra = {}
         if settings.derpmap_path:
@@ -351,6 +374,8 @@ class DerpboxService(MultiService):
             # Manual mode always watches its files (derper needs a restart); SIGHUP reloads at once.
             self.cert_source.start_watching(self.reactor)
             SIGHUP_RELOAD.register(self.cert_source, self.reactor)
+        if self.mesh is not None:
+            SIGHUP_RELOAD.register(self.mesh, self.reactor)
         if self.tls is not None and self.settings.hostname_is_ip:
             # Once listening: a listen port of 0 is known only then.
             self.main.ready.addCallback(self._announce_ip_node)
@@ -374,6 +399,8 @@ class DerpboxService(MultiService):
         if isinstance(self.cert_source, ManualCertificateSource):
             SIGHUP_RELOAD.unregister(self.cert_source)
             self.cert_source.stop_watching()
+        if self.mesh is not None:
+            SIGHUP_RELOAD.unregister(self.mesh)
         yield super().stopService()
 
     def listening(self) -> defer.Deferred:

@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from derpbox.config import load_settings
+from derpbox.service import DerpboxService
 
 from .certs import make_cert  # noqa: F401  (tests import it from here)
 from .pebble import pebble, pebble_eab  # noqa: F401  (session fixtures: real ACME CAs on loopback)
@@ -88,19 +89,19 @@ def headscale(request):
 def start_server(tmp_path, request):
     """Start derpbox with derper-style flags; loopback and ephemeral ports by default."""
 
-    def start(*flags: str, environ: dict | None = None, tls: bool = True):
-        from derpbox.service import DerpboxService
-
-        base = ["-a", "127.0.0.1:0", "-c", str(tmp_path / "derper.key"), "-stun-port", "0", "-http-port", "0"]
+    def start(*flags: str, environ: dict | None = None, tls: bool = True, home: str = ""):
+        """``home`` names a directory of its own (key, certificates) for a second node in one test."""
+        base_dir = tmp_path / home if home else tmp_path
+        base = ["-a", "127.0.0.1:0", "-c", str(base_dir / "derper.key"), "-stun-port", "0", "-http-port", "0"]
         if tls:
-            base += ["-certmode", "manual", "-certdir", str(tmp_path / "certs"), "-hostname", "127.0.0.1"]
+            base += ["-certmode", "manual", "-certdir", str(base_dir / "certs"), "-hostname", "127.0.0.1"]
         else:
             base += ["-tls", "off"]
         settings = load_settings(base + list(flags), environ or {})
         service = DerpboxService(settings, reactor, environ or {})
         service.startService()
-        request.addfinalizer(lambda: pytest_twisted.blockon(service.stopService()))
-        return service.listening().addCallback(lambda s: Server(s, tmp_path))
+        request.addfinalizer(lambda: pytest_twisted.blockon(service.stopService()) if service.running else None)
+        return service.listening().addCallback(lambda s: Server(s, base_dir))
 
     return start
 

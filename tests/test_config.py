@@ -318,6 +318,9 @@ ALIASES = [
     ("DERP_TLS_GROUPS", "X25519:P-256", "tls_groups", "X25519:P-256"),
     ("DERP_LOG_LEVEL", "debug", "log_level", "debug"),
     ("DERP_LOG_FORMAT", "json", "log_format", "json"),
+    ("DERP_MESH_CA_FILE", "/etc/mesh-ca.pem", "mesh_ca_file", "/etc/mesh-ca.pem"),
+    ("DERP_MESH_CERT_NAMES", "203.0.113.7:443=sha256-raw:" + "ab" * 32, "mesh_cert_names",
+     ("203.0.113.7:443=sha256-raw:" + "ab" * 32,)),
 ]
 
 
@@ -332,8 +335,42 @@ def test_mesh_env_names():
     assert load(env={"MESH_WITH": "a.example", "MESH_PSKFILE": "/m"}).mesh_with == ("a.example",)
 
 
+def test_mesh_key_and_peers_file_env_names():
+    env = {"DERP_MESH_PEERS_FILE": "/etc/derpbox/peers", "DERP_MESH_KEY": "0f" * 32}
+    settings = load(env=env)
+    assert (settings.mesh_peers_file, settings.mesh_key) == ("/etc/derpbox/peers", "0f" * 32)
+    assert "0f0f" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-mesh-with", "a/b/c"], "too many components"),
+        (["-mesh-with", "a.example:99999"], "out of range"),
+        (["-mesh-with", "a.example/"], "empty dialhost"),
+        (["-mesh-key", "abc"], "64 hex digits"),
+        (["-mesh-cert-names", "a.example"], "is not host"),
+        (["-mesh-cert-names", "a.example=sha256-raw:12"], "64 hex digits"),
+        (["-mesh-peers-file", "/p"], "needs a mesh key"),
+    ],
+)
+def test_bad_mesh_settings_are_refused_with_the_reason(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load(["-c", "/k", *flags])
+
+
+def test_mesh_with_entries_are_parsed_as_derper_does():
+    settings = load(["-c", "/k", "-mesh-with", "a.example, b.example:8443/10.0.0.2, [2001:db8::1]:444",
+                     "-mesh-key", "ab" * 32, "-mesh-cert-names", "b.example:8443=other.example"])
+    a, b, c = settings.mesh_peers
+    assert (a.host, a.port, a.dial_host, a.url) == ("a.example", 443, "a.example", "https://a.example:443/derp")
+    assert (b.host, b.port, b.dial_host, b.cert_name) == ("b.example", 8443, "10.0.0.2", "other.example")
+    assert (c.host, c.port, c.url) == ("2001:db8::1", 444, "https://[2001:db8::1]:444/derp")
+
+
 def test_table_env_names_match_the_documented_list():
-    documented = {name for name, *_ in ALIASES} | {"DERP_MESH_WITH", "MESH_WITH", "DERP_CONFIG_FILE"}
+    documented = {name for name, *_ in ALIASES} | {"DERP_MESH_WITH", "MESH_WITH", "DERP_CONFIG_FILE",
+                                                    "DERP_MESH_KEY", "DERP_MESH_PEERS_FILE"}
     in_table = [env.name for opt in SETTINGS_TABLE for env in opt.env]
     assert len(in_table) == len(set(in_table))
     assert set(in_table) == documented
@@ -645,9 +682,16 @@ def serve_error(argv=(), env=None):
     return str(info.value)
 
 
-def test_serve_refuses_what_it_cannot_do():
+def test_serve_refuses_what_it_cannot_do(tmp_path):
+    # Meshing is supported now; what stops a mesh is a mesh key that cannot be read.
     assert serve_error(["-mesh-with", "b.example", "-mesh-psk-file", "/m"]) == (
-        "-mesh-with: meshing with other derpbox/derper nodes is not supported yet")
+        "mesh key file /m: No such file or directory")
+    key = tmp_path / "mesh.key"
+    key.write_text("12" * 32 + "\n")
+    assert load_serve_settings(load(["-mesh-with", "b.example", "-mesh-psk-file", str(key)]), {}).mesh_key == (
+        bytes.fromhex("12" * 32))
+    assert load_serve_settings(load(["-mesh-with", "b.example", "-mesh-key", "34" * 32, "-mesh-psk-file",
+                                     str(key)]), {}).mesh_key == bytes.fromhex("34" * 32)
     assert serve_error(["-secrets-url", "https://setec.example"]) == (
         "-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file")
     message = serve_error(["-proxy-protocol", "auto"])
@@ -782,7 +826,8 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "metrics-addr", "metrics-allow", "region-id", "region-code", "region-name",
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
-                                    "acme-challenge", "proxy-protocol", "trusted-proxies"}
+                                    "acme-challenge", "proxy-protocol", "trusted-proxies", "mesh-key",
+                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names"}
     derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "metrics_listen", "metrics_allow_networks",
-               "proxy_networks"}
+               "proxy_networks", "mesh_peers"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

@@ -203,3 +203,26 @@ def upgrade_required_response() -> bytes:
 def error_response(status: int, reason: str, headers: Headers = ()) -> bytes:
     """The answer to an HTTPHeadError (pass its status, reason and headers)."""
     return _plain_response(status, f"{status} {HTTPStatus(status).phrase}: {reason}\n", headers)
+
+
+# Client side: the request a DERP client sends, and the server's answer.
+
+
+def upgrade_request(host_header: str, path: str = "/derp", *, user_agent: str, fast_start: bool = False,
+                    headers: dict[str, str] | None = None) -> bytes:
+    """The HTTP request that asks the server to switch the connection to DERP (spec 2.1)."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host_header}", f"User-Agent: {user_agent}",
+             "Connection: Upgrade", "Upgrade: DERP"]
+    if fast_start:
+        lines.append("Derp-Fast-Start: 1")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def response_status(head: bytes) -> tuple[int, str]:
+    """(status, reason) of a response head; ValueError for anything but an HTTP status line."""
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {line[:80]!r}")
+    return int(parts[1]), parts[2] if len(parts) > 2 else ""

@@ -335,6 +335,10 @@ class Relay:
         record = self._clients.get(key)
         return record.active if record is not None else None
 
+    def forwarders(self, key: bytes) -> list:
+        record = self._clients.get(key)
+        return list(record.forwarders) if record is not None else []
+
     def client_counts(self) -> tuple[int, int]:
         """(keys connected here, keys reachable only through mesh peers)."""
         local = remote = 0

@@ -179,6 +179,7 @@ class ManualCertificateSource(CertificateHolder):
     )
     poll_interval = 1.0
     settle_time = 3.0
+    reload_label = "TLS certificates"
 
     def __init__(self, certdir: str | os.PathLike[str], hostname: str) -> None:
         self.hostname = hostname

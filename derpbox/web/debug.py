@@ -114,9 +114,12 @@ class DebugResource(Resource):
         hostname: str = "",
         mesh_key_configured: bool = False,
         environ=os.environ,
+        consistency=None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
+        # /debug/check: the service's invariants (relay and mesh), the relay's alone by default.
+        self.consistency = consistency or metrics.relay.check_consistency
         self.hostname = hostname
         self.mesh_key_configured = mesh_key_configured
         self.environ = environ
@@ -172,7 +175,7 @@ class DebugResource(Resource):
         return reply(request, json.dumps(self.metrics.vars(), indent=1).encode() + b"\n")
 
     def _check(self, request: server.Request) -> bytes:
-        problems = self.metrics.relay.check_consistency()
+        problems = self.consistency()
         if problems:
             return http_error(request, http.INTERNAL_SERVER_ERROR, "\n".join(problems))
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
