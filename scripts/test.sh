@@ -22,4 +22,9 @@ if [ "$missing" = 1 ]; then
     apt-get install -y -q --no-install-recommends prometheus pebble haproxy nginx libnginx-mod-stream
 fi
 python3 -m pip install --quiet -e '.[test]'
+# Tailscale's own derper (built unmodified, beside the checkout) for the mesh interop tests.
+if [ -z "${DERPER_BIN:-}" ] && [ -x ../shared/goref/derper ]; then
+    DERPER_BIN="$(realpath ../shared/goref/derper)"
+    export DERPER_BIN
+fi
 exec python3 -m pytest "$@"
