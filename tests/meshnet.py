@@ -33,6 +33,8 @@ def region(tmp_path, start_server):
     """Start derpbox nodes meshed with each other: ``region(n)`` -> list of Servers."""
     ca, crt, key = make_cert(tmp_path / "ca", HOST)
     started = []
+    # Each node's start_server arguments by its home directory, for restart().
+    args_of: dict = {}
 
     def start(n, *flags, mesh_key=MESH_KEY, ports=None, with_ca=True, entries=None):
         ports = ports or [unused_port() for _ in range(n)]
@@ -49,9 +51,17 @@ def region(tmp_path, start_server):
             mesh = ["-mesh-key", mesh_key] + (["-mesh-with", ",".join(entries)] if entries else [])
             if with_ca:
                 mesh += ["-mesh-ca-file", str(ca)]
-            servers.append(start_server("-a", f"127.0.0.1:{port}", "-hostname", HOST, *mesh, *flags,
-                                        home=f"node{i}"))
+            args = ("-a", f"127.0.0.1:{port}", "-hostname", HOST, *mesh, *flags)
+            args_of[f"node{i}"] = args
+            servers.append(start_server(*args, home=f"node{i}"))
         return gatherResults(servers, consumeErrors=True)
+
+    def restart(server):
+        """The same node again (key, certificate, port, flags) after it was stopped."""
+        home = server.tmp.name
+        return start_server(*args_of[home], home=home)
+
+    start.restart = restart
 
     start.ca = ca
     start.crt = crt

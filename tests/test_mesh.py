@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -23,6 +25,7 @@ from derpbox.relay.peer import Peer
 
 from .meshnet import HOST, MESH_KEY, connect, knows, meshed, peer_of
 from .support import unused_port, wait_for
+from .tailcat import Tailcat, derp_map, needs_tailcat
 
 pytestmark = pytest.mark.usefixtures("quick_redial")
 
@@ -218,3 +221,98 @@ def test_churn_on_one_node_while_the_other_forwards(region):
     assert live_peers() <= baseline
     yield deferToThread(sender.close)
     yield deferToThread(receiver.close)
+
+
+def region_map(*servers) -> dict:
+    """One DERP region with the nodes of ``servers`` (anything with .port and .service.stun_port)."""
+    nodes = []
+    for server, suffix in zip(servers, "abc"):
+        node = derp_map(server.port, server.service.stun_port, host=HOST)["Regions"]["900"]["Nodes"][0]
+        node["Name"] = f"900{suffix}"
+        nodes.append(node)
+    return {"Regions": {"900": {"RegionID": 900, "RegionCode": "dbx", "RegionName": "derpbox", "Nodes": nodes}}}
+
+
+def ping_until_via_derp(tc: Tailcat, addr: str, deadline_s: float) -> tuple[str, float]:
+    """Ping ``addr`` until a pong comes via DERP; (output, seconds it took)."""
+    start = time.monotonic()
+    out = ""
+    while time.monotonic() - start < deadline_s:
+        result = tc.run_client("ping", "--timeout=5s", addr, timeout=30)
+        out = result.stdout.decode() + result.stderr.decode()
+        if "via DERP(dbx)" in out:
+            return out, time.monotonic() - start
+    raise AssertionError(f"no pong via DERP within {deadline_s} s: {out[-2000:]}")
+
+
+@needs_tailcat
+@pytest_twisted.inlineCallbacks
+def test_real_clients_on_two_nodes_relay_through_the_mesh_and_outlive_a_node(region, serve_map, tmp_path):
+    a, b = yield region(2)
+    yield wait_for(lambda: meshed([a, b]))
+    # Each client homes on a different node. This tailcat does not always take a region's
+    # first node, so each map lists only the client's own node.
+    on_a = Tailcat(tmp_path / "tc-a", serve_map(region_map(a)))
+    on_b = Tailcat(tmp_path / "tc-b", serve_map(region_map(b)))
+    payload = tmp_path / "in.bin"
+    payload.write_bytes(os.urandom(5 * 1024 * 1024 + 999))
+    out = tmp_path / "out.bin"
+
+    def send_across():
+        with open(out, "wb") as sink:
+            server, addr = on_a.start_server(stdout=sink)
+            try:
+                with open(payload, "rb") as src:
+                    result = on_b.run_client(addr, stdin=src, timeout=120)
+                assert result.returncode == 0, result.stderr.decode()[-2000:]
+                server.wait(timeout=60)
+            finally:
+                if server.poll() is None:
+                    server.kill()
+                    server.wait()
+
+    yield deferToThread(send_across)
+    assert out.read_bytes() == payload.read_bytes()
+    assert a.stats.packets_forwarded_in > 1000 and b.stats.packets_forwarded_out > 1000
+    assert a.stats.packets_forwarded_out > 0 and b.stats.packets_forwarded_in > 0
+    pong = yield deferToThread(ping_once, on_a, on_b)
+    assert "via DERP(dbx)" in pong, pong
+
+    # A node goes away. This tailcat picks one node of the region when it starts and
+    # redials only that one, so a running client waits for its node to come back;
+    # a client started meanwhile, with both nodes in its map, takes the surviving one.
+    server, addr = yield deferToThread(on_a.start_server, "serve", "9")
+    try:
+        yield deferToThread(ping_until_via_derp, on_b, addr, 60)
+        a_port = a.port
+        yield a.service.stopService()
+        dead_first = Tailcat(tmp_path / "tc-dead-first", serve_map(region_map(a_stopped(a_port, a), b)))
+        fresh, fresh_addr = yield deferToThread(on_b.start_server, "serve", "9")
+        try:
+            _, took = yield deferToThread(ping_until_via_derp, dead_first, fresh_addr, 60)
+            print(f"a client started after node a stopped reached node b in {took:.1f} s")
+        finally:
+            fresh.terminate()
+            fresh.wait(timeout=10)
+        a2 = yield region.restart(a)
+        yield wait_for(lambda: meshed([a2, b]), timeout=30)
+        _, took = yield deferToThread(ping_until_via_derp, on_b, addr, 90)
+        print(f"pings to the client of the restarted node resumed {took:.1f} s after it came back")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def a_stopped(port, server):
+    """The map entry of a node that is no longer running (its port, its STUN off)."""
+    return SimpleNamespace(port=port, service=SimpleNamespace(stun_port=None))
+
+
+def ping_once(server_side: Tailcat, client_side: Tailcat) -> str:
+    server, addr = server_side.start_server("serve", "9")
+    try:
+        result = client_side.run_client("ping", "--timeout=10s", addr, timeout=40)
+        return result.stdout.decode() + result.stderr.decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
