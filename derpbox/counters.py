@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-COUNTER, GAUGE = "counter", "gauge"
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
 
 class Metric(NamedTuple):
     attr: str  # the attribute of the stats object holding the value
     name: str  # the exposition name (derper's, where derper has the metric)
-    type: str  # COUNTER or GAUGE
+    type: str  # COUNTER, GAUGE or HISTOGRAM (the attribute is then a Histogram)
     help: str
     # With labels, the attribute is a dict keyed by the label value (a tuple of
     # values for several labels); every key present is one sample.
@@ -31,6 +31,30 @@ def gauge(attr: str, name: str, help: str, labels: tuple[str, ...] = ()) -> Metr
     return Metric(attr, name, GAUGE, help, labels)
 
 
+def histogram(attr: str, name: str, help: str) -> Metric:
+    return Metric(attr, name, HISTOGRAM, help)
+
+
+class Histogram:
+    """Observations counted into buckets with upper bounds (Prometheus semantics, le)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+
+
 def attributes(metrics: tuple[Metric, ...]) -> tuple[str, ...]:
-    """The plain (unlabelled) attributes a stats object must start at zero."""
-    return tuple(m.attr for m in metrics if not m.labels)
+    """The plain (unlabelled) counters and gauges a stats object must start at zero."""
+    return tuple(m.attr for m in metrics if not m.labels and m.type != HISTOGRAM)

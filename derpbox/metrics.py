@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from . import __version__
-from .counters import Metric
+from .counters import HISTOGRAM, Metric
 
 __all__ = ["CONTENT_TYPE", "Family", "Metrics", "declared", "render", "open_fds"]
 
@@ -38,7 +38,15 @@ def declared(stats, metrics: tuple[Metric, ...]) -> list[Family]:
     for m in metrics:
         fam = Family(m.name, m.type, m.help)
         value = attrgetter(m.attr)(stats)
-        if m.labels:
+        if m.type == HISTOGRAM:
+            cumulative = 0
+            for bound, n in zip(value.bounds, value.counts):
+                cumulative += n
+                fam.add_series("_bucket", cumulative, le=_format_value(bound))
+            fam.add_series("_bucket", value.count, le="+Inf")
+            fam.add_series("_sum", value.sum)
+            fam.add_series("_count", value.count)
+        elif m.labels:
             for key, v in value.items():
                 fam.add(v, **dict(zip(m.labels, key if isinstance(key, tuple) else (key,))))
         else:
@@ -52,10 +60,15 @@ class Family:
     name: str
     type: str  # "counter", "gauge" or "untyped"
     help: str
-    samples: list[tuple[tuple[tuple[str, str], ...], float]] = field(default_factory=list)
+    # (labels, value, name suffix): histograms add _bucket, _sum and _count series.
+    samples: list[tuple[tuple[tuple[str, str], ...], float, str]] = field(default_factory=list)
 
     def add(self, value: float, **labels: str) -> "Family":
-        self.samples.append((tuple(labels.items()), value))
+        self.samples.append((tuple(labels.items()), value, ""))
+        return self
+
+    def add_series(self, suffix: str, value: float, **labels: str) -> "Family":
+        self.samples.append((tuple(labels.items()), value, suffix))
         return self
 
 
@@ -105,12 +118,12 @@ def render(families: list[Family]) -> bytes:
     for fam in families:
         out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
         out.append(f"# TYPE {fam.name} {fam.type}")
-        for labels, value in fam.samples:
+        for labels, value, suffix in fam.samples:
             if labels:
                 text = ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels)
-                out.append(f"{fam.name}{{{text}}} {_format_value(value)}")
+                out.append(f"{fam.name}{suffix}{{{text}}} {_format_value(value)}")
             else:
-                out.append(f"{fam.name} {_format_value(value)}")
+                out.append(f"{fam.name}{suffix} {_format_value(value)}")
     return ("\n".join(out) + "\n").encode()
 
 
@@ -177,9 +190,10 @@ class Metrics:
         {"label=value,...": number} maps (expvar-like; not derper's exact nesting)."""
         out: dict = {}
         for fam in self.families():
-            if len(fam.samples) == 1 and not fam.samples[0][0]:
+            if len(fam.samples) == 1 and not fam.samples[0][0] and not fam.samples[0][2]:
                 out[fam.name] = fam.samples[0][1]
             else:
-                out[fam.name] = {",".join(f"{k}={v}" for k, v in labels): value for labels, value in fam.samples}
+                out[fam.name] = {",".join([suffix.lstrip("_")] * bool(suffix) + [f"{k}={v}" for k, v in labels]): value
+                                 for labels, value, suffix in fam.samples}
         out["derp_version"] = __version__
         return out

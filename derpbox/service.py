@@ -254,6 +254,7 @@ class DerpboxService(MultiService):
             mesh_key_configured=self.relay.mesh_key is not None,
             environ=environ,
             consistency=self.consistency_problems,
+            mesh=self.mesh,
         )
         extra = {}
         if settings.derpmap_path:

@@ -17,6 +17,8 @@ import pytest_twisted
 from nacl.public import PrivateKey
 from twisted.internet.threads import deferToThread
 
+from derpbox.checks.healthcheck import healthcheck
+from derpbox.checks.results import OK, WARN
 from derpbox.client import DERPClient
 from derpbox.mesh import peers as mesh_peers
 from derpbox.protocol import frames as F
@@ -57,6 +59,10 @@ def test_two_nodes_relay_both_ways_and_peer_gone_crosses_the_mesh(region):
     assert (varz["derp_clients_local"], varz["derp_clients_remote"], varz["derp_clients_total"]) == (2, 2, 4)
     assert varz["derpbox_mesh_peer_up"][f"peer={HOST}:{b.port}/127.0.0.1"] == 1
     assert varz["derpbox_mesh_peer_keys"][f"peer={HOST}:{b.port}/127.0.0.1"] == 2
+    # b's link watches a: the PeerPresent batches written to it are in derper's histograms.
+    batches = varz["derp_mesh_update_batch_size"]
+    assert batches["count"] >= 2 and batches["sum"] >= 2 and batches["bucket,le=+Inf"] == batches["count"]
+    assert varz["derp_mesh_update_loop_count"]["count"] == batches["count"]
     # b leaves the region: a, which heard from it through the mesh, is told.
     yield deferToThread(cb.close)
     gone = yield deferToThread(ca_.recv_until, FrameType.PEER_GONE)
@@ -316,3 +322,23 @@ def ping_once(server_side: Tailcat, client_side: Tailcat) -> str:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest_twisted.inlineCallbacks
+def test_healthcheck_reports_each_mesh_peer(region):
+    a, b = yield region(2)
+    yield wait_for(lambda: meshed([a, b]))
+    cb = yield deferToThread(connect, b)
+    yield wait_for(lambda: knows(a, cb.public_key))
+    results = yield deferToThread(healthcheck, a.service.settings, 2.0)
+    lines = {r.name: r for r in results}
+    to_b = lines[f"mesh {HOST}:{b.port}/127.0.0.1"]
+    assert to_b.status == OK and "2 keys learned" in to_b.detail
+    assert lines[f"mesh {HOST}:{a.port}/127.0.0.1"].detail == "this node (self-connect), not dialled"
+    b_port, link = b.port, peer_of(a, b)
+    yield deferToThread(cb.close)
+    yield b.service.stopService()
+    yield wait_for(lambda: link.stats.failures[link.name] >= 2)
+    results = yield deferToThread(healthcheck, a.service.settings, 2.0)
+    to_b = {r.name: r for r in results}[f"mesh {HOST}:{b_port}/127.0.0.1"]
+    assert to_b.status == WARN and "Connection refused" in to_b.detail

@@ -163,7 +163,11 @@ def test_counters_move_with_traffic_drops_rejections_and_stun(start_server, allo
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
     samples, types, helps = parse_exposition(body.decode())
-    assert set(types) == helps == {name for name, _ in samples}, "HELP and TYPE for every family"
+    histograms = {name for name, kind in types.items() if kind == "histogram"}
+    series = {name for name, _ in samples}
+    assert set(types) == helps, "HELP and TYPE for every family"
+    assert series == (set(types) - histograms) | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
+    assert histograms == {"derp_mesh_update_batch_size", "derp_mesh_update_loop_count"}
 
     assert value(samples, "derp_current_connections") == 2 and types["derp_current_connections"] == "gauge"
     assert value(samples, "derp_clients_total") == value(samples, "derp_clients_local") == 2

@@ -29,7 +29,7 @@ _CHALLENGE = "ts_healthcheck"
 
 def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
     local = LocalInstance(settings, timeout)
-    results = run_checks(local.checks(), deadline=max(1.5, timeout + 0.5))
+    results = [line for r in run_checks(local.checks(), deadline=max(1.5, timeout + 0.5)) for line in _per_peer(r)]
     if local.key_problem and not local.verifying and settings.key_path:
         results.append(Result("key", WARN, local.key_problem))
     return results
@@ -84,6 +84,8 @@ class LocalInstance:
             checks.append(("admission tailscaled", self.check_tailscaled))
         checks += [(f"admission {_redact(url)}", partial(self.check_admission_url, url))
                    for url in s.verify_client_urls]
+        if s.mesh_with or s.mesh_peers_file:
+            checks.append(("mesh", self.check_mesh))
         return checks
 
     def check_tls(self) -> Result:
@@ -137,6 +139,15 @@ class LocalInstance:
                 raise CheckFailed(f"cannot connect to {paths[0]}: {e.strerror or e}") from None
         return Result("admission tailscaled", OK, f"{paths[0]} accepts connections")
 
+    def check_mesh(self) -> Result:
+        """The server's own view of its mesh peers (/debug/mesh, open to loopback)."""
+        r = http_request(self.host, self.port, "/debug/mesh", tls=self.tls, sni=self.sni,
+                         host_header=self.host_header, timeout=self.timeout, preamble=self.preamble)
+        if r.status != 200:
+            raise CheckFailed(f"GET /debug/mesh answered {r.status}")
+        peers = json.loads(r.body)["peers"]
+        return Result("mesh", OK, f"{len(peers)} peers", data={"peers": peers})
+
     def check_admission_url(self, url: str) -> Result:
         body = json.dumps({"NodePublic": PROBE_NODE_KEY, "Source": "127.0.0.1"}).encode()
         req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
@@ -150,6 +161,24 @@ class LocalInstance:
             why = describe_error(reason) if isinstance(reason, BaseException) else reason
             raise CheckFailed(f"unreachable: {why}") from None
         return Result(f"admission {_redact(url)}", OK, f"reachable (HTTP {status})")
+
+
+def _per_peer(result: Result) -> list[Result]:
+    """The mesh check as one line per peer: connected (keys learned) or why not."""
+    if result.name != "mesh" or "peers" not in result.data:
+        return [result]
+    lines = []
+    for peer in result.data["peers"]:
+        name = f"mesh {peer['peer']}"
+        if peer["state"] == "up":
+            lines.append(Result(name, OK, f"connected to {peer['server_key'][:16]}, {peer['keys']} keys learned"))
+        elif peer["state"] == "self":
+            lines.append(Result(name, OK, "this node (self-connect), not dialled"))
+        else:
+            # A peer that is down is worth a look, but restarting this node would not bring it back.
+            why = peer["last_error"] or "not connected yet"
+            lines.append(Result(name, WARN, f"{peer['state']}: {why} ({peer['failures']} failures)"))
+    return lines or [Result("mesh", WARN, "no mesh peers configured in the running server")]
 
 
 def _local_host(listen_host: str) -> str:

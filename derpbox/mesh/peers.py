@@ -222,6 +222,19 @@ class MeshPeer:
         if link is not None:
             link.close()
 
+    def status(self) -> dict:
+        return {
+            "peer": self.name,
+            "url": self.spec.url,
+            "dial": self.spec.dial_host,
+            "state": self.state,
+            "server_key": self.server_key.hex() if self.server_key else "",
+            "keys": len(self.keys),
+            "connects": self.stats.connects[self.name],
+            "failures": self.stats.failures[self.name],
+            "last_error": self.last_error,
+        }
+
     def problems(self) -> list[str]:
         """Keys this peer announced that the relay does not route through it, and the reverse."""
         out = []
@@ -325,6 +338,10 @@ class MeshService(Service):
             state = None
         if state != self._file_state:
             self.reload()
+
+    def status(self) -> list[dict]:
+        """Each peer's state, keys learned and last error, for /debug/mesh and the healthcheck."""
+        return [peer.status() for peer in self.peers.values()]
 
     def problems(self) -> list[str]:
         out = []

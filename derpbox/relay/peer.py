@@ -82,6 +82,7 @@ class Peer:
         "ctrl",
         "pong",
         "heard_from",
+        "mesh_updates",
         "_handshake_buf",
         "_held",
         "_reader",
@@ -113,6 +114,8 @@ class Peer:
         # Keys this connection received packets from (None until the first): the relay
         # tells it PeerGone when one leaves the region, and forgets it when it closes.
         self.heard_from = None
+        # PeerPresent/PeerGone frames queued for this watcher since its last write.
+        self.mesh_updates = 0
         self._handshake_buf = b""
         self._held = b""
         self._reader = None
@@ -335,6 +338,11 @@ class Peer:
         self.ctrl.append(frame)
         self.mark_dirty()
 
+    def send_mesh_update(self, frame: bytes) -> None:
+        """A PeerPresent or PeerGone for a mesh watcher, counted into derper's batch histograms."""
+        self.mesh_updates += 1
+        self.send_control(frame)
+
     def send_peer_gone(self, key: bytes, reason: PeerGoneReason) -> None:
         stats = self.relay.stats
         if reason == PeerGoneReason.NOT_HERE:
@@ -353,6 +361,11 @@ class Peer:
         parts = self.ctrl
         if parts:
             self.ctrl = []
+            if self.mesh_updates:
+                stats = self.relay.stats
+                stats.mesh_update_batch_size.observe(self.mesh_updates)
+                stats.mesh_update_loop_count.observe(1)
+                self.mesh_updates = 0
         else:
             parts = []
         if self.pong is not None:

@@ -27,6 +27,7 @@ from ..protocol.frames import (
     FrameType,
     PeerGoneReason,
     PeerPresentFlags,
+    peer_gone_frame,
     peer_present_frame,
     restarting_frame,
 )
@@ -148,8 +149,10 @@ class Relay:
             self._gone_from_region(key, record)
         if not self._restarting:
             # Watchers hear of every local departure; the key may still be reachable elsewhere.
-            for watcher in self._watchers:
-                watcher.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
+            if self._watchers:
+                frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
+                for watcher in self._watchers:
+                    watcher.send_mesh_update(frame)
 
     def _gone_from_region(self, key: bytes, record: ClientSet) -> None:
         """``key`` has neither a local connection nor a forwarder: tell those that heard from it."""
@@ -298,13 +301,13 @@ class Relay:
         self.stats.watchers += 1
         for record in self._clients.values():
             if record.active is not None:
-                peer.send_control(self._presence(record.active))
+                peer.send_mesh_update(self._presence(record.active))
 
     def _announce(self, peer: Peer) -> None:
         if self._watchers:
             frame = self._presence(peer)
             for watcher in self._watchers:
-                watcher.send_control(frame)
+                watcher.send_mesh_update(frame)
 
     @staticmethod
     def _presence(peer: Peer) -> bytes:

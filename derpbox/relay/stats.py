@@ -6,7 +6,7 @@ Plain attributes on a slotted object keep the hot path to one attribute add;
 
 from __future__ import annotations
 
-from ..counters import attributes, counter, gauge
+from ..counters import Histogram, attributes, counter, gauge, histogram
 
 DROP_REASONS = (
     "unknown_dest",
@@ -18,6 +18,9 @@ DROP_REASONS = (
     "dup_client",
 )
 PACKET_KINDS = ("disco", "other")
+# derper's buckets for the PeerPresent/PeerGone batches written to a mesh watcher.
+MESH_UPDATE_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+MESH_UPDATE_LOOP_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 
 
 class RelayStats:
@@ -52,6 +55,10 @@ class RelayStats:
                 "Keys that went back to being reachable through one mesh peer."),
         counter("packet_forwarder_delete_other_value", "derp_packet_forwarder_delete_other_value",
                 "Mesh PeerGone notices for a key not forwarded through that peer (stale or repeated)."),
+        histogram("mesh_update_batch_size", "derp_mesh_update_batch_size",
+                  "PeerPresent and PeerGone frames written to a mesh watcher in one write."),
+        histogram("mesh_update_loop_count", "derp_mesh_update_loop_count",
+                  "Writes needed to send a mesh watcher its pending updates (one here: one write per flush)."),
         counter("sclient_write_timeouts", "derp_sclient_write_timeouts", "Client writes that timed out."),
         counter("packets_received_kind", "derp_packets_received_kind", "Packets received from clients, by kind.",
                 ("kind",)),
@@ -64,7 +71,8 @@ class RelayStats:
         counter("protocol_errors", "derpbox_protocol_errors", "DERP connections closed for a protocol error after the handshake."),
         counter("admission_rejections", "derpbox_admission_rejections", "DERP clients rejected by client verification."),
     )
-    __slots__ = attributes(METRICS) + ("packets_received_disco", "packets_received_other", "dropped_packets", "dropped_bytes")
+    __slots__ = attributes(METRICS) + ("packets_received_disco", "packets_received_other", "dropped_packets",
+                                        "dropped_bytes", "mesh_update_batch_size", "mesh_update_loop_count")
 
     def __init__(self):
         for name in attributes(self.METRICS):
@@ -74,6 +82,8 @@ class RelayStats:
         # Every (reason, kind) pair exists from the start, as derper pre-creates them.
         self.dropped_packets = {(r, k): 0 for r in DROP_REASONS for k in PACKET_KINDS}
         self.dropped_bytes = dict.fromkeys(self.dropped_packets, 0)
+        self.mesh_update_batch_size = Histogram(MESH_UPDATE_BATCH_BUCKETS)
+        self.mesh_update_loop_count = Histogram(MESH_UPDATE_LOOP_BUCKETS)
 
     @property
     def packets_received_kind(self) -> dict[str, int]:

@@ -115,6 +115,7 @@ class DebugResource(Resource):
         mesh_key_configured: bool = False,
         environ=os.environ,
         consistency=None,
+        mesh=None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
@@ -123,6 +124,8 @@ class DebugResource(Resource):
         self.hostname = hostname
         self.mesh_key_configured = mesh_key_configured
         self.environ = environ
+        # The outbound mesh (derpbox.mesh.peers.MeshService), for /debug/mesh.
+        self.mesh = mesh
 
     def render(self, request: server.Request) -> bytes:
         if not debug_allowed(request, self.environ):
@@ -139,6 +142,7 @@ class DebugResource(Resource):
             b"/debug/varz": self._varz,
             b"/debug/vars": self._vars,
             b"/debug/check": self._check,
+            b"/debug/mesh": self._mesh,
         }.get(path)
         if handler is None:
             return http_error(request, http.NOT_FOUND, "404 page not found")
@@ -157,6 +161,7 @@ class DebugResource(Resource):
             ("vars", "expvar-style JSON"),
             ("varz", "Prometheus metrics"),
             ("check", "consistency check"),
+            ("mesh", "mesh peers (JSON)"),
         ]
         body = ["<html><head><title>derpbox debug</title></head><body>\n<h1>derpbox debug</h1>\n<table>\n"]
         body += [f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>\n" for k, v in rows]
@@ -173,6 +178,11 @@ class DebugResource(Resource):
     def _vars(self, request: server.Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return reply(request, json.dumps(self.metrics.vars(), indent=1).encode() + b"\n")
+
+    def _mesh(self, request: server.Request) -> bytes:
+        peers = self.mesh.status() if self.mesh is not None else []
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        return reply(request, json.dumps({"peers": peers}, indent=1).encode() + b"\n")
 
     def _check(self, request: server.Request) -> bytes:
         problems = self.consistency()
