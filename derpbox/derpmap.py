@@ -153,19 +153,50 @@ def build_node(settings: Settings, cert: CertifiedKey | None = None) -> dict:
     return node
 
 
-def build_derp_map(settings: Settings, omit_default_regions: bool = False, *, cert: CertifiedKey | None = None
-                   ) -> dict:
-    """The wire-form ``tailcfg.DERPMap`` with this relay's single region and node."""
+def build_derp_map(settings: Settings, omit_default_regions: bool = False, *, cert: CertifiedKey | None = None,
+                   other_nodes: list[dict] = ()) -> dict:
+    """The wire-form ``tailcfg.DERPMap`` with this relay's region: its own node first, then
+    ``other_nodes`` (the region's other nodes, e.g. meshed with this one), named {id}a, {id}b, ..."""
     if settings.hostname == DEFAULT_HOSTNAME and not settings.dev:
         raise DerpMapError(f"-hostname is not set (the default {DEFAULT_HOSTNAME} is Tailscale's); "
                            "set -hostname (DERP_DOMAIN / DERP_HOSTNAME) to this relay's DNS name or public IP")
     rid = settings.region_id
     region = {"RegionID": rid, "RegionCode": region_code(settings), "RegionName": region_name(settings),
-              "Nodes": [build_node(settings, cert)]}
+              "Nodes": [build_node(settings, cert), *(dict(node, RegionID=rid) for node in other_nodes)]}
+    for i, node in enumerate(region["Nodes"]):
+        node["Name"] = f"{rid}{_node_letters(i)}"
     the_map: dict = {"Regions": {str(rid): region}}
     if omit_default_regions:
         the_map[WIRE_OMIT_DEFAULT] = True
     return the_map
+
+
+def _node_letters(i: int) -> str:
+    """a, b, ..., z, aa, ab, ...: the suffixes of a region's node names."""
+    letters = ""
+    i += 1
+    while i:
+        i, rest = divmod(i - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return letters
+
+
+def read_nodes(path: str) -> list[dict]:
+    """The nodes in a file: a wire DERP map (``--format json``, or ``-derpmap-path``) or one node object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise DerpMapError(f"--node {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DerpMapError(f"--node {path}: not JSON: {e}") from None
+    if isinstance(data, dict) and "HostName" in data:
+        return [data]
+    regions = data.get("Regions") if isinstance(data, dict) else None
+    nodes = [node for region in (regions or {}).values() for node in region.get("Nodes", ())]
+    if not nodes or not all(isinstance(n, dict) and n.get("HostName") for n in nodes):
+        raise DerpMapError(f"--node {path}: neither a DERP map with nodes nor a node with a HostName")
+    return nodes
 
 
 def notes(settings: Settings) -> list[str]:
@@ -229,12 +260,12 @@ def _headscale_yaml(the_map: dict, settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(settings: Settings, fmt: str, omit_default_regions: bool = False, *, cert: CertifiedKey | None = None
-           ) -> str:
+def render(settings: Settings, fmt: str, omit_default_regions: bool = False, *, cert: CertifiedKey | None = None,
+           other_nodes: list[dict] = ()) -> str:
     """The map in format *fmt* (one of :data:`FORMATS`), as text ending in a newline."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    the_map = build_derp_map(settings, omit_default_regions, cert=cert)
+    the_map = build_derp_map(settings, omit_default_regions, cert=cert, other_nodes=other_nodes)
     if fmt == "tailscale":
         return json.dumps(_policy_snippet(the_map), indent=2) + "\n"
     if fmt == "headscale":
@@ -296,7 +327,7 @@ def derpmap_resource(settings: Settings, cert: Callable[[], CertifiedKey | None]
 # --- the command --------------------------------------------------------------------------------
 
 USAGE = f"""\
-Usage: derpbox derpmap [--format {'|'.join(FORMATS)}] [--omit-default-regions] [derper flags...]
+Usage: derpbox derpmap [--format {'|'.join(FORMATS)}] [--omit-default-regions] [--node FILE]... [derper flags...]
 
 Print this relay's DERP map, built from the same flags, DERP_* variables and config
 file as the server (-hostname, -a, -stun, -stun-port, -http-port, -certdir, -region-id,
@@ -307,6 +338,8 @@ the server created in -certdir.
   --format F               tailscale (policy file derpMap, default), headscale (derp.yaml),
                            ionscale (derp.sources JSON), json (wire form)
   --omit-default-regions   use only this relay, not Tailscale's DERP regions
+  --node FILE              add the region's other nodes (meshed with this one): FILE is their
+                           `derpbox derpmap --format json` (or one node object); repeatable
 """
 
 
@@ -321,7 +354,7 @@ def _bool(text: str) -> bool:
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
     """Separate derpmap's own options from the derper flags (returned in order)."""
-    options = {"format": "tailscale", "omit_default_regions": False, "help": False}
+    options = {"format": "tailscale", "omit_default_regions": False, "help": False, "nodes": []}
     rest: list[str] = []
     args = list(argv)
     while args:
@@ -340,6 +373,12 @@ def split_args(argv: list[str]) -> tuple[dict, list[str]]:
             if value not in FORMATS:
                 raise ConfigError(f"--format {value!r}: use one of {', '.join(FORMATS)}")
             options["format"] = value
+        elif name == "node":
+            if not eq:
+                if not args:
+                    raise ConfigError("--node needs a file: the other node's `derpbox derpmap --format json`")
+                value = args.pop(0)
+            options["nodes"].append(value)
         elif name == "omit-default-regions":
             options["omit_default_regions"] = _bool(value) if eq else True
         elif name in ("h", "help") and not eq:
@@ -358,7 +397,8 @@ def derpmap_main(argv: list[str], environ: Mapping[str, str], stdout=None, stder
             stdout.write(USAGE)
             return 0
         settings = load_settings(flags, environ)
-        text = render(settings, options["format"], options["omit_default_regions"])
+        others = [node for path in options["nodes"] for node in read_nodes(path)]
+        text = render(settings, options["format"], options["omit_default_regions"], other_nodes=others)
     except UsageRequested:
         stdout.write(USAGE)
         return 0

@@ -161,7 +161,7 @@ def _resolve(value: str) -> str:
     def sub(m):
         if m[2] and m[2].lstrip(":").startswith("-"):
             return m[2].lstrip(":")[1:]
-        return {"DERP_DOMAIN": "derp.example.com"}.get(m[1], "x")
+        return {"DERP_DOMAIN": "derp.example.com", "DERP_MESH_KEY": "12" * 32}.get(m[1], "x")
 
     return re.sub(r"\$\{(\w+)(:?[?-][^}]*)?\}", sub, value)
 
@@ -272,3 +272,21 @@ def test_readme_table_lists_every_variable_and_is_current():
     for opt in SETTINGS_TABLE:
         for env in opt.env:
             assert f"`{env.name}`" in readme, env.name
+
+
+def test_mesh_variant_meshes_two_nodes_by_service_name():
+    doc = compose(COMPOSE / "mesh" / "docker-compose.yml")
+    nodes = {}
+    for name in ("derpbox", "derpbox-2"):
+        service = doc["services"][name]
+        environ = {**env_defaults(), **{k: _resolve(str(v)) for k, v in service["environment"].items()}}
+        nodes[name] = load_settings([], environ)
+    # Both list both nodes, dialled by service name, with their own ports and volumes.
+    for settings in nodes.values():
+        assert [(p.host, p.port, p.dial_host) for p in settings.mesh_peers] == [
+            ("derp.example.com", 443, "derpbox"), ("derp.example.com", 8443, "derpbox-2")]
+        assert settings.mesh_key == "12" * 32
+    assert (nodes["derpbox"].listen_port, nodes["derpbox-2"].listen_port) == (443, 8443)
+    assert nodes["derpbox-2"].stun_port == 3479 and nodes["derpbox-2"].http_port == -1
+    volumes = [doc["services"][n]["volumes"][0].split(":")[0] for n in nodes]
+    assert len(set(volumes)) == 2 and set(volumes) <= set(doc["volumes"])

@@ -282,7 +282,7 @@ def test_unknown_format():
 def test_split_args_keeps_derper_flags_in_order():
     options, rest = split_args(["-hostname", "h.example", "--format", "headscale", "-a=:8443",
                                 "--omit-default-regions", "-http-port", "-1"])
-    assert options == {"format": "headscale", "omit_default_regions": True, "help": False}
+    assert options == {"format": "headscale", "omit_default_regions": True, "help": False, "nodes": []}
     assert rest == ["-hostname", "h.example", "-a=:8443", "-http-port", "-1"]
     options, rest = split_args(["-format=ionscale", "-omit-default-regions=false"])
     assert options["format"] == "ionscale" and options["omit_default_regions"] is False and rest == []
@@ -307,6 +307,37 @@ def test_main_errors():
     assert "-hostname" in err.getvalue()
     out = io.StringIO()
     assert derpmap_main(["--help"], {}, out, io.StringIO()) == 0 and "--format" in out.getvalue()
+
+
+def test_a_region_of_several_nodes(tmp_path):
+    """Each node prints its own node (--format json); one of them adds the others (--node)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, certs_a = ip_settings(tmp_path / "a", "203.0.113.7")
+    b, certs_b = ip_settings(tmp_path / "b", "203.0.113.8")
+    pin_a = ensure_ip_self_signed(certs_a, "203.0.113.7").sha256_hex
+    pin_b = ensure_ip_self_signed(certs_b, "203.0.113.8").sha256_hex
+    node_b = tmp_path / "b.json"
+    node_b.write_text(render(b, "json"))
+    out, err = io.StringIO(), io.StringIO()
+    flags = ["-hostname", "203.0.113.7", "-certmode", "manual", "-certdir", str(certs_a), "-c", "/x/k"]
+    assert derpmap_main(["--format", "json", "--node", str(node_b), *flags], {}, out, err) == 0, err.getvalue()
+    region = json.loads(out.getvalue())["Regions"]["900"]
+    assert [(n["Name"], n["HostName"], n["CertName"]) for n in region["Nodes"]] == [
+        ("900a", "203.0.113.7", "sha256-raw:" + pin_a), ("900b", "203.0.113.8", "sha256-raw:" + pin_b)]
+    # A single node object works too, and Headscale's YAML carries every node.
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(only_node(build_derp_map(b))))
+    out = io.StringIO()
+    assert derpmap_main(["--format", "headscale", f"--node={one}", *flags], {}, out, io.StringIO()) == 0
+    nodes = yaml.safe_load(out.getvalue())["regions"][900]["nodes"]
+    assert [n["name"] for n in nodes] == ["900a", "900b"] and nodes[1]["hostname"] == "203.0.113.8"
+    # What is not a map or a node is refused with the file named.
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"Regions": {}}')
+    err = io.StringIO()
+    assert derpmap_main(["--node", str(bad), *flags], {}, io.StringIO(), err) == 1
+    assert str(bad) in err.getvalue() and "neither a DERP map" in err.getvalue()
 
 
 def test_main_warns_about_region_outside_custom_range():
