@@ -292,10 +292,12 @@ def sleep_until(t_ns: int) -> None:
     time.sleep(max(0.0, (t_ns - time.monotonic_ns()) / 1e9))
 
 
-def run_load(server: dict, pairs: int, rate: int | None, args) -> dict:
+def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict | None = None) -> dict:
+    """Senders on ``server``, receivers there too or on ``receive_on`` (another node of a mesh)."""
     keys = [PrivateKey.generate() for _ in range(2 * pairs)]
     senders, receivers = keys[:pairs], keys[pairs:]
-    rproc, rpipe = start(receiver_main, server["port"], [bytes(k) for k in receivers])
+    far = receive_on or server
+    rproc, rpipe = start(receiver_main, far["port"], [bytes(k) for k in receivers])
     expect(rpipe, rproc, 30)  # receivers must be registered before anything is sent to them
     sproc, spipe = start(sender_main, server["port"],
                          [(bytes(s), bytes(r.public_key)) for s, r in zip(senders, receivers)])
@@ -307,9 +309,9 @@ def run_load(server: dict, pairs: int, rate: int | None, args) -> dict:
     spipe.send((t_start, t_lo, t_hi, rate, args.slice_ms / 1000))
     rpipe.send((t_lo, t_hi, t_stop))
     sleep_until(t_lo)
-    cpu0, busy0 = cpu_seconds(server["pid"]), busy_seconds()
+    cpu0, far0, busy0 = cpu_seconds(server["pid"]), cpu_seconds(far["pid"]), busy_seconds()
     sleep_until(t_hi)
-    cpu1, busy1 = cpu_seconds(server["pid"]), busy_seconds()
+    cpu1, far1, busy1 = cpu_seconds(server["pid"]), cpu_seconds(far["pid"]), busy_seconds()
     sent = expect(spipe, sproc, args.drain + 30)
     got = expect(rpipe, rproc, args.drain + 30)
     spipe.send("stop")
@@ -331,7 +333,8 @@ def run_load(server: dict, pairs: int, rate: int | None, args) -> dict:
         "sender_cpu_s": sent["cpu_s"],
         "receiver_cpu_s": got["cpu_s"],
         "packets_per_tls_record": got["packets_per_record"],  # Go's server seals one per packet when idle
-        "other_cpu_s": busy1 - busy0 - (cpu1 - cpu0) - generator_cpu,
+        "receiving_server_cpu_s_per_Mpkt": (far1 - far0) / (delivered / 1e6) if delivered and receive_on else None,
+        "other_cpu_s": busy1 - busy0 - (cpu1 - cpu0) - generator_cpu - (far1 - far0 if receive_on else 0),
         "server_rss_kib_after": rss_kib(server["pid"]),
         "errors": sent["errors"] + got["errors"],
     }
