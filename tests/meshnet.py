@@ -92,3 +92,10 @@ def knows(server, key: bytes) -> bool:
     return bool(server.relay.forwarders(key)) or bool(server.relay.connections(key))
 
 
+def exchange(one, other, there: bytes, back: bytes):
+    """``one`` sends ``there`` to ``other``, which answers ``back``: what each received."""
+    one.send_packet(other.public_key, there)
+    got_other = other.recv_packet()
+    other.send_packet(one.public_key, back)
+    got_one = one.recv_packet()
+    return got_other, got_one

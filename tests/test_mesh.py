@@ -25,7 +25,7 @@ from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameType
 from derpbox.relay.peer import Peer
 
-from .meshnet import HOST, MESH_KEY, connect, knows, meshed, peer_of
+from .meshnet import HOST, MESH_KEY, connect, exchange, knows, meshed, peer_of
 from .support import unused_port, wait_for
 from .tailcat import Tailcat, derp_map, needs_tailcat
 
@@ -41,14 +41,7 @@ def test_two_nodes_relay_both_ways_and_peer_gone_crosses_the_mesh(region):
     cb = yield deferToThread(connect, b)
     yield wait_for(lambda: knows(a, cb.public_key) and knows(b, ca_.public_key))
 
-    def exchange():
-        ca_.send_packet(cb.public_key, b"a to b across the mesh")
-        got_b = cb.recv_packet()
-        cb.send_packet(ca_.public_key, b"b to a across the mesh")
-        got_a = ca_.recv_packet()
-        return got_a, got_b
-
-    got_a, got_b = yield deferToThread(exchange)
+    got_b, got_a = yield deferToThread(exchange, ca_, cb, b"a to b across the mesh", b"b to a across the mesh")
     assert got_b == (ca_.public_key, b"a to b across the mesh")
     assert got_a == (cb.public_key, b"b to a across the mesh")
     assert a.stats.packets_forwarded_out == 1 and b.stats.packets_forwarded_in == 1

@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from derpbox.protocol.frames import FrameType
 
 from .derper import Derper, needs_derper
-from .meshnet import HOST, MESH_KEY, connect, knows, meshed
+from .meshnet import HOST, MESH_KEY, connect, exchange, knows, meshed
 from .support import unused_port, wait_for
 
 pytestmark = [needs_derper, pytest.mark.usefixtures("quick_redial")]
@@ -60,14 +60,7 @@ def test_derpbox_and_derper_mesh_both_ways(region, derper):
     # derper learned derpbox's client through its own mesh client.
     yield wait_for(lambda: d.varz().get("derp_clients_remote") == 2, timeout=10)
 
-    def exchange():
-        ca_.send_packet(cd.public_key, b"derpbox to derper")
-        got_d = cd.recv_packet()
-        cd.send_packet(ca_.public_key, b"derper to derpbox")
-        got_a = ca_.recv_packet()
-        return got_a, got_d
-
-    got_a, got_d = yield deferToThread(exchange)
+    got_d, got_a = yield deferToThread(exchange, ca_, cd, b"derpbox to derper", b"derper to derpbox")
     assert got_d == (ca_.public_key, b"derpbox to derper")
     assert got_a == (cd.public_key, b"derper to derpbox")
     assert a.stats.packets_forwarded_out == 1 and a.stats.packets_forwarded_in == 1
