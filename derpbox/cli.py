@@ -11,6 +11,9 @@ from twisted.logger import Logger
 from . import __version__
 from .config import ConfigError, UsageRequested, load_settings
 from .logs import start_logging
+from .workers import supervisor
+from .workers.context import from_environ
+from .workers.host import available_cpus, die_with_parent
 
 log = Logger()
 
@@ -27,7 +30,13 @@ def serve(argv: list[str], environ=os.environ) -> int:
     if settings.version_requested:
         sys.stdout.write(f"derpbox {__version__}\n")
         return 0
-    start_logging(settings.log_level, settings.log_format)
+    worker = from_environ(environ)
+    count = settings.workers or available_cpus()
+    start_logging(settings.log_level, settings.log_format, worker=worker.index if worker else None)
+    if worker is None and count > 1:
+        return supervisor.run(settings, argv, environ, count)
+    if worker is not None:
+        die_with_parent()
     for flag in settings.not_yet_supported():
         log.warn("{flag} is accepted for compatibility with derper but not supported by this "
                  "version of derpbox: it has no effect", flag=flag)
@@ -38,7 +47,7 @@ def serve(argv: list[str], environ=os.environ) -> int:
     from .service import DerpboxService
 
     try:
-        service = DerpboxService(settings, reactor, environ)
+        service = DerpboxService(settings, reactor, environ, worker=worker)
     except (ConfigError, OSError) as e:
         log.critical("cannot start: {error}", error=str(e))
         return 2

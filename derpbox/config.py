@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
@@ -86,6 +86,7 @@ class Settings:
     mesh_ca_file: str
     mesh_cert_names: tuple[str, ...]
     mesh_peers: tuple[MeshPeerSpec, ...]  # -mesh-with parsed, with -mesh-cert-names
+    workers: int  # 0 = auto
     secrets_url: str
     secrets_path_prefix: str
     secrets_cache_dir: str
@@ -328,6 +329,16 @@ def _mesh_key_text(text: str) -> str:
     if text:
         keys.parse_mesh_key(text, "the mesh key")
     return text.strip()
+
+
+def _workers(text: str) -> int:
+    """A number of worker processes, or 0 for "auto" (the CPUs this process may use)."""
+    if text.strip().lower() == "auto":
+        return 0
+    value = _go_int(text)
+    if not 1 <= value <= 1024:
+        raise ValueError("must be between 1 and 1024, or auto")
+    return value
 
 
 def _check_url(text: str) -> str:
@@ -587,6 +598,10 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            Kind("string", _mesh_cert_names, "a comma-separated list of host[:port]=CertName", (str, list)), (),
            "certificate name or sha256-raw:<hex> pin per mesh peer, as the DERP map's CertName",
            _env("DERP_MESH_CERT_NAMES")),
+    Option("workers", "workers", Kind("string", _workers, "a number of worker processes (1-1024) or auto",
+                                      (str, int)), 1,
+           "worker processes sharing the listeners, meshed with each other; auto: one per CPU this process "
+           "may use (affinity and cgroup quota)", _env("DERP_WORKERS"), default_text="1"),
     Option("secrets_url", "secrets-url", Kind("string", _optional_url, "an http:// or https:// URL"), "",
            "setec server URL to fetch the mesh key from", _env("DERP_SECRETS_URL")),
     Option("secrets_path_prefix", "secrets-path-prefix", TEXT, "prod/derp", "setec path prefix of the meshkey secret",
@@ -716,6 +731,10 @@ def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
     cert_names = dict(pair.split("=", 1) for pair in values["mesh_cert_names"])
     values["mesh_peers"] = mesh_spec.parse_entries(values["mesh_with"], cert_names)
     settings = Settings(warnings=tuple(warnings), **values)
+    why = _single_process_only(settings) if settings.workers == 0 else ""
+    if why:
+        settings = replace(settings, workers=1, warnings=settings.warnings + (
+            f"-workers auto runs one process: {why} is not supported with workers yet",))
     if not settings.version_requested:
         _check_consistency(settings, environ)
     return settings
@@ -881,6 +900,17 @@ def _from_file(opt: Option, where: str, value: Any) -> Any:
     return _parse(opt, opt.kind.parse, str(value), where, opt.kind.forms)
 
 
+def _single_process_only(s) -> str:
+    """What this version can only do in one process (derpbox.workers), or ""."""
+    if s.mesh_with or s.mesh_peers_file:
+        # Another node's link lands on one worker, which would announce only its own clients.
+        return "-mesh-with/-mesh-peers-file"
+    if s.use_tls and s.certmode in ("letsencrypt", "gcp"):
+        # One process must order and renew the certificate.
+        return f"-certmode {s.certmode}"
+    return ""
+
+
 def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
     """Cross-setting rules that derper enforces at start-up."""
     if s.mesh_with or s.mesh_peers_file:
@@ -890,6 +920,9 @@ def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
                 "-mesh-key (DERP_MESH_KEY), -mesh-psk-file (DERP_MESH_PSK_FILE) or -secrets-url (DERP_SECRETS_URL)")
             what = "-mesh-with (DERP_MESH_WITH)" if s.mesh_with else "-mesh-peers-file (DERP_MESH_PEERS_FILE)"
             raise ConfigError(f"{what} needs a mesh key: set {source}")
+    if s.workers > 1 and _single_process_only(s):
+        raise ConfigError(f"-workers {s.workers} with {_single_process_only(s)} is not supported yet: use -workers 1"
+                          + ("" if s.mesh_with or s.mesh_peers_file else ", or -certmode manual"))
     if not s.use_tls:
         return
     if not s.certdir:

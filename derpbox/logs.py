@@ -71,6 +71,8 @@ def _json_line(event: dict) -> str:
         "logger": event.get("log_namespace", ""),
         "msg": formatEvent(event),
     }
+    if "worker" in event:
+        record["worker"] = event["worker"]
     failure = event.get("log_failure")
     if failure is not None:
         record["error"] = failure.getTraceback()
@@ -95,7 +97,21 @@ def _quiet_twisted(event) -> PredicateResult:
     return PredicateResult.maybe
 
 
-def start_logging(level: str, fmt: str, stream: TextIO = sys.stderr) -> None:
+def _tag_worker(index: int):
+    """Every line of a worker process says which worker wrote it (text: [worker1#info])."""
+    system = f"worker{index}"
+
+    def tag(event) -> PredicateResult:
+        event["log_system"] = system
+        event["worker"] = index
+        return PredicateResult.maybe
+
+    return tag
+
+
+def start_logging(level: str, fmt: str, stream: TextIO = sys.stderr, worker: int | None = None) -> None:
     observer = json_observer(stream) if fmt == "json" else textFileLogObserver(stream)
     predicates = [_quiet_twisted, LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])]
+    if worker is not None:
+        predicates.insert(0, _tag_worker(worker))
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, predicates)], redirectStandardIO=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,10 +12,12 @@ import threading
 from nacl.public import PrivateKey
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from .admission import Admission
 from .config import ConfigError, ServeSettings, Settings, load_serve_settings
@@ -22,6 +25,7 @@ from .derpmap import build_node, derpmap_resource
 from .heap import HeapService
 from .keys import load_or_create_key, node_public_text
 from .mesh.peers import MeshService
+from .mesh.spec import MeshPeerSpec
 from .metrics import Metrics
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
@@ -34,6 +38,7 @@ from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
 from .web.port80 import build_port80_site
 from .web.proxied import ProxyProtocolFactory
+from .workers.context import WorkerContext
 
 log = Logger()
 
@@ -47,6 +52,19 @@ def _endpoint(reactor, host: str, port: int):
         # A "::" socket on Linux also accepts IPv4 unless IPV6_V6ONLY is set.
         return TCP6ServerEndpoint(reactor, port, interface=host or "::")
     return TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedPortEndpoint:
+    """Listening on a socket the supervisor opened and this worker inherited (derpbox.workers)."""
+
+    def __init__(self, reactor, fd: int, family: int):
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory) -> defer.Deferred:
+        return defer.maybeDeferred(self.reactor.adoptStreamPort, self.fd, self.family, factory)
 
 
 class ListenerService(Service):
@@ -179,10 +197,12 @@ SIGHUP_RELOAD = _SighupReload()
 class DerpboxService(MultiService):
     """The whole relay: main listener (TLS or plain), port 80, metrics, STUN."""
 
-    def __init__(self, settings: Settings, reactor, environ=os.environ):
+    def __init__(self, settings: Settings, reactor, environ=os.environ, worker: WorkerContext | None = None):
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        # Set in a worker process: listeners come from the supervisor, the other workers are meshed.
+        self.worker = worker
         serve = load_serve_settings(settings, environ)
         self.admission = build_admission(settings, reactor)
         private_key = load_server_key(settings)
@@ -193,6 +213,7 @@ class DerpboxService(MultiService):
             write_timeout=settings.tcp_write_timeout,
             mesh_key=serve.mesh_key,
             admission=self.admission,
+            worker_mesh_key=worker.mesh_key if worker is not None else None,
         )
         self.cert_source = build_cert_source(settings, reactor) if settings.use_tls else None
         self.mesh = self._mesh_service(private_key, serve.mesh_key)
@@ -225,10 +246,30 @@ class DerpboxService(MultiService):
         self.port80 = self._port80_listener(environ)
         self.metrics_listener = self._metrics_listener()
         self.stun = self._stun_service()
+        self.worker_mesh = self._worker_mesh()
         HeapService().setServiceParent(self)
         self._log_start(serve)
 
     # -- __init__'s builders
+
+    def _worker_mesh(self) -> MeshService | None:
+        """A worker listens for the other workers on its unix socket and dials each of them."""
+        worker = self.worker
+        if worker is None:
+            return None
+        path = worker.mesh_path(worker.index)
+        # The socket of this worker's predecessor, if it died: this index is ours now.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = ListenerService(UNIXServerEndpoint(self.reactor, path, mode=0o600), self.front,
+                                   f"worker {worker.index} internal mesh")
+        listener.setServiceParent(self)
+        peers = tuple(MeshPeerSpec(f"worker{j}", "localhost", 0, "localhost", unix_path=worker.mesh_path(j))
+                      for j in range(worker.count) if j != worker.index)
+        # Its own client key: the workers' links must not look like the node's own connections.
+        mesh = MeshService(self.relay, PrivateKey.generate(), worker.mesh_key, self.reactor, specs=peers)
+        mesh.setServiceParent(self)
+        return mesh
 
     def _mesh_service(self, private_key: PrivateKey, mesh_key: bytes | None) -> MeshService | None:
         settings = self.settings
@@ -242,9 +283,14 @@ class DerpboxService(MultiService):
     def consistency_problems(self) -> list[str]:
         """The relay's and the mesh's invariants, for /debug/check."""
         problems = self.relay.check_consistency()
-        if self.mesh is not None:
-            problems += self.mesh.problems()
+        for mesh in (self.mesh, self.worker_mesh):
+            if mesh is not None:
+                problems += mesh.problems()
         return problems
+
+    def mesh_status(self) -> list[dict]:
+        """Every mesh link of this process, the other workers' included, for /debug/mesh."""
+        return [status for mesh in (self.mesh, self.worker_mesh) if mesh is not None for status in mesh.status()]
 
     def _main_site(self, environ) -> QuietSite:
         settings = self.settings
@@ -254,7 +300,7 @@ class DerpboxService(MultiService):
             mesh_key_configured=self.relay.mesh_key is not None,
             environ=environ,
             consistency=self.consistency_problems,
-            mesh=self.mesh,
+            mesh_status=self.mesh_status,
         )
         extra = {}
         if settings.derpmap_path:
@@ -284,7 +330,7 @@ class DerpboxService(MultiService):
             factory, what = self.front, "DERP (plain HTTP)"
         if settings.proxy_networks:
             what += f", PROXY protocol {settings.proxy_protocol}"
-        return self._listen(settings.listen_host, settings.listen_port, self._proxied(factory), what)
+        return self._listen(settings.listen_host, settings.listen_port, self._proxied(factory), what, "main")
 
     def _port80_listener(self, environ) -> ListenerService | None:
         if self.tls is None or self.settings.http_port < 0:
@@ -299,6 +345,7 @@ class DerpboxService(MultiService):
             self.settings.http_port,
             self._proxied(site),
             "HTTP (captive-portal check, redirect)",
+            "port80",
         )
 
     def _metrics_listener(self) -> ListenerService | None:
@@ -307,18 +354,27 @@ class DerpboxService(MultiService):
             return None
         resource = MetricsListenerResource(self.metrics, settings.metrics_allow_networks, healthy=lambda: self.running)
         host, port = settings.metrics_listen
-        return self._listen(host, port, QuietSite(resource), "metrics (/metrics, /healthz)")
+        if self.worker is not None and self.worker.index != 0:
+            # One worker serves the metrics listener (a scrape must not land on a random worker).
+            return None
+        return self._listen(host, port, QuietSite(resource), "metrics (/metrics, /healthz)", "metrics")
 
     def _stun_service(self) -> STUNService | None:
         settings = self.settings
         if not settings.stun:
             return None
-        stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, self.reactor)
+        adopted = [(s.fd, s.family) for s in self.worker.sockets_named("stun")] if self.worker else None
+        stun = STUNService(settings.listen_host, settings.stun_port, self.stun_stats, self.reactor, adopted=adopted)
         stun.setServiceParent(self)
         return stun
 
-    def _listen(self, host: str, port: int, factory, what: str) -> ListenerService:
-        listener = ListenerService(_endpoint(self.reactor, host, port), factory, what)
+    def _listen(self, host: str, port: int, factory, what: str, name: str) -> ListenerService:
+        if self.worker is not None:
+            sock = self.worker.socket(name)
+            endpoint = AdoptedPortEndpoint(self.reactor, sock.fd, sock.family)
+        else:
+            endpoint = _endpoint(self.reactor, host, port)
+        listener = ListenerService(endpoint, factory, what)
         listener.setServiceParent(self)
         return listener
 

@@ -101,9 +101,11 @@ def listen_stun(reactor, host: str, port: int, stats: STUNStats) -> list[IListen
 class STUNService(service.Service):
     """Runs listen_stun for the lifetime of the service; `ports` holds the listeners."""
 
-    def __init__(self, host: str, port: int, stats: STUNStats, reactor=None) -> None:
+    def __init__(self, host: str, port: int, stats: STUNStats, reactor=None, adopted=None) -> None:
         self.host = host
         self.port = port
+        # (fd, family) of sockets a worker inherited from its supervisor, instead of binding.
+        self.adopted = adopted
         self.stats = stats
         self.ports: list[IListeningPort] = []
         self._reactor = reactor
@@ -113,7 +115,11 @@ class STUNService(service.Service):
         if reactor is None:
             # Imported late so that importing this module never installs a reactor.
             from twisted.internet import reactor
-        self.ports = listen_stun(reactor, self.host, self.port, self.stats)
+        if self.adopted is not None:
+            self.ports = [reactor.adoptDatagramPort(fd, family, STUNProtocol(self.stats), MAX_PACKET_SIZE)
+                          for fd, family in self.adopted]
+        else:
+            self.ports = listen_stun(reactor, self.host, self.port, self.stats)
         super().startService()
 
     def stopService(self) -> defer.Deferred:

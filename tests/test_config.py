@@ -359,6 +359,33 @@ def test_bad_mesh_settings_are_refused_with_the_reason(flags, message):
         load(["-c", "/k", *flags])
 
 
+@pytest.mark.parametrize("text, expected", [("1", 1), ("4", 4), ("auto", 0), ("AUTO", 0)])
+def test_workers(text, expected):
+    assert load(["-c", "/k", "-tls", "off", "-workers", text]).workers == expected
+
+
+def test_workers_env_name():
+    assert load(env={"DERP_WORKERS": "3", "DERP_CERT_MODE": "manual"}).workers == 3
+
+
+def test_workers_auto_is_one_process_where_workers_are_not_supported_yet():
+    settings = load(["-c", "/k", "-workers", "auto", "-hostname", "derp.example.com"])  # letsencrypt on :443
+    assert settings.workers == 1
+    assert any("-workers auto runs one process: -certmode letsencrypt" in w for w in settings.warnings)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-workers", "0"], "between 1 and 1024"),
+    (["-workers", "many"], "-workers"),
+    (["-workers", "2", "-certmode", "letsencrypt", "-hostname", "derp.example.com", "-a", ":443"],
+     "not supported yet"),
+    (["-workers", "3", "-tls", "off", "-mesh-with", "a.example", "-mesh-key", "ab" * 32], "-mesh-with/-mesh-peers-file"),
+])
+def test_bad_workers(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load(["-c", "/k", *flags])
+
+
 def test_mesh_with_entries_are_parsed_as_derper_does():
     settings = load(["-c", "/k", "-mesh-with", "a.example, b.example:8443/10.0.0.2, [2001:db8::1]:444",
                      "-mesh-key", "ab" * 32, "-mesh-cert-names", "b.example:8443=other.example"])
@@ -370,7 +397,7 @@ def test_mesh_with_entries_are_parsed_as_derper_does():
 
 def test_table_env_names_match_the_documented_list():
     documented = {name for name, *_ in ALIASES} | {"DERP_MESH_WITH", "MESH_WITH", "DERP_CONFIG_FILE",
-                                                    "DERP_MESH_KEY", "DERP_MESH_PEERS_FILE"}
+                                                    "DERP_MESH_KEY", "DERP_MESH_PEERS_FILE", "DERP_WORKERS"}
     in_table = [env.name for opt in SETTINGS_TABLE for env in opt.env]
     assert len(in_table) == len(set(in_table))
     assert set(in_table) == documented
@@ -827,7 +854,7 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
                                     "acme-challenge", "proxy-protocol", "trusted-proxies", "mesh-key",
-                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names"}
+                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names", "workers"}
     derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "metrics_listen", "metrics_allow_networks",
                "proxy_networks", "mesh_peers"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

@@ -58,6 +58,7 @@ SAMPLES = {
     "mesh_peers_file": ("{tmp}/peers", "{tmp}/peers", {"DERP_MESH_KEY": "12" * 32}),
     "mesh_ca_file": ("{tmp}/mesh-ca.pem", "{tmp}/mesh-ca.pem", {}),
     "mesh_cert_names": ("a.example.com=sha256-raw:" + "ab" * 32, "a.example.com=sha256-raw:" + "ab" * 32, {}),
+    "workers": ("2", "2", {"DERP_CERT_MODE": "manual"}),
     "secrets_url": ("https://setec.example.com", "https://setec.example.com", {}),
     "secrets_path_prefix": ("dev/derp", "dev/derp", {}),
     "secrets_cache_dir": ("{tmp}/setec", "{tmp}/setec", {}),

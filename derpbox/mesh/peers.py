@@ -19,7 +19,7 @@ import random
 
 from nacl.public import PrivateKey
 from twisted.application.service import Service
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -36,6 +36,8 @@ log = Logger()
 
 RETRY_INTERVAL = 5.0
 RETRY_JITTER = 1.0
+# Another worker of this node is at most restarting: try again soon.
+WORKER_RETRY_INTERVAL = 0.2
 CONNECT_TIMEOUT = 10.0
 PEERS_FILE_POLL = 1.0
 
@@ -73,7 +75,8 @@ class MeshPeer:
         self.name = spec.entry
         self.relay = relay
         self.private_key = private_key
-        self.own_key = relay.public_key
+        # Workers share the node key: for them a peer with our key is another worker, not us.
+        self.own_key = None if spec.unix_path else relay.public_key
         self.mesh_key = mesh_key
         self.clock = reactor
         self.ca_file = ca_file
@@ -106,10 +109,15 @@ class MeshPeer:
         self._redial = None
         self.state = CONNECTING
         spec = self.spec
-        endpoint = HostnameEndpoint(self.clock, spec.dial_host, spec.port, timeout=CONNECT_TIMEOUT)
-        tls = VerifiedClientTLS(spec.host, cert_name=spec.cert_name, ca_file=self.ca_file)
-        factory = Factory.forProtocol(lambda: MeshLink(self, tls))
-        self._dialing = wrapClientTLS(tls, endpoint).connect(factory)
+        if spec.unix_path:
+            # Another worker of this node: a local socket only this user can open, no TLS.
+            endpoint = UNIXClientEndpoint(self.clock, spec.unix_path, timeout=CONNECT_TIMEOUT)
+            self._dialing = endpoint.connect(Factory.forProtocol(lambda: MeshLink(self, None)))
+        else:
+            endpoint = HostnameEndpoint(self.clock, spec.dial_host, spec.port, timeout=CONNECT_TIMEOUT)
+            tls = VerifiedClientTLS(spec.host, cert_name=spec.cert_name, ca_file=self.ca_file)
+            factory = Factory.forProtocol(lambda: MeshLink(self, tls))
+            self._dialing = wrapClientTLS(tls, endpoint).connect(factory)
         self._dialing.addErrback(self._dial_failed)
 
     def _dial_failed(self, failure) -> None:
@@ -122,7 +130,9 @@ class MeshPeer:
         if self.state in (STOPPED, SELF) or self._redial is not None:
             return
         self.state = DOWN
-        self._redial = self.clock.callLater(RETRY_INTERVAL + random.random() * RETRY_JITTER, self._dial)
+        interval = WORKER_RETRY_INTERVAL if self.spec.unix_path else RETRY_INTERVAL
+        self._redial = self.clock.callLater(interval + random.random() * RETRY_JITTER * interval / RETRY_INTERVAL,
+                                            self._dial)
 
     # -- what the link reports ------------------------------------------------
 
@@ -174,7 +184,8 @@ class MeshPeer:
         self.last_error = reason
         self.stats.failures[self.name] += 1
         self.noise.warn(f"{self.name}:{reason}", "mesh({peer}): {reason}; retrying in about {t:g} s",
-                        peer=self.name, reason=reason, t=RETRY_INTERVAL)
+                        peer=self.name, reason=reason,
+                        t=WORKER_RETRY_INTERVAL if self.spec.unix_path else RETRY_INTERVAL)
         self._schedule_redial()
 
     # -- the keys the peer announced -----------------------------------------

@@ -31,6 +31,8 @@ class MeshPeerSpec:
     port: int
     dial_host: str
     cert_name: str = ""
+    # A worker of this node, reached over its unix socket without TLS (derpbox.workers).
+    unix_path: str = ""
 
     @property
     def url(self) -> str:

@@ -56,6 +56,7 @@ class Relay:
         write_timeout: float = 2.0,
         mesh_key: bytes | None = None,
         admission=None,
+        worker_mesh_key: bytes | None = None,
     ):
         self.handshake = ServerHandshake(private_key)
         self.public_key = self.handshake.public_key
@@ -63,6 +64,8 @@ class Relay:
         self.queue_depth = queue_depth
         self.write_timeout = write_timeout
         self.mesh_key = mesh_key
+        # The key the workers of this node mesh with (derpbox.workers), trusted like the mesh key.
+        self._worker_mesh_key = worker_mesh_key
         # Presented by `derpbox healthcheck` clients: skips admission, grants nothing else.
         self._health_key = health_key(private_key)
         # Client verification (derpbox.admission.Admission), None when not configured.
@@ -78,7 +81,7 @@ class Relay:
     # -- admission and registration --------------------------------------
 
     def is_mesh_key(self, offered: bytes | None) -> bool:
-        return mesh_key_matches(self.mesh_key, offered)
+        return mesh_key_matches(self.mesh_key, offered) or mesh_key_matches(self._worker_mesh_key, offered)
 
     def admission_check(self, key: bytes, ip: str, offered_key: bytes | None) -> Deferred | None:
         """The pending admission decision for a new client, or None when it is admitted

@@ -250,6 +250,9 @@ class FrontFactory(Factory):
         # receiver, so the default would pause (and drop) on a healthy connection.
         tcp.bufferSize = TRANSPORT_BUFFER
         sock = tcp.socket
+        if sock.family == socket.AF_UNIX:
+            # A worker's internal mesh socket (derpbox.workers): no TCP options to set.
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Go's meaning: 0 picks the 15 s default, a negative value turns keepalive off.
         keepalive = self.tcp_keepalive or GO_DEFAULT_KEEPALIVE

@@ -22,6 +22,7 @@ import os
 import socket
 from html import escape
 
+from twisted.internet.address import UNIXAddress
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
@@ -91,6 +92,9 @@ def debug_allowed(request: server.Request, environ=os.environ) -> bool:
             return True
     if request.requestHeaders.hasHeader(b"X-Forwarded-For"):
         return False
+    if isinstance(request.channel.transport.getPeer(), UNIXAddress):
+        # A worker's internal socket (derpbox.workers): its directory is the server user's alone.
+        return True
     if came_via_proxy(request.channel.transport):
         return False
     return ip_debug_allowed(request_remote_ip(request), environ)
@@ -115,7 +119,7 @@ class DebugResource(Resource):
         mesh_key_configured: bool = False,
         environ=os.environ,
         consistency=None,
-        mesh=None,
+        mesh_status=None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
@@ -124,8 +128,8 @@ class DebugResource(Resource):
         self.hostname = hostname
         self.mesh_key_configured = mesh_key_configured
         self.environ = environ
-        # The outbound mesh (derpbox.mesh.peers.MeshService), for /debug/mesh.
-        self.mesh = mesh
+        # Each outbound mesh link's state (derpbox.mesh.peers), for /debug/mesh.
+        self.mesh_status = mesh_status or list
 
     def render(self, request: server.Request) -> bytes:
         if not debug_allowed(request, self.environ):
@@ -180,7 +184,7 @@ class DebugResource(Resource):
         return reply(request, json.dumps(self.metrics.vars(), indent=1).encode() + b"\n")
 
     def _mesh(self, request: server.Request) -> bytes:
-        peers = self.mesh.status() if self.mesh is not None else []
+        peers = self.mesh_status()
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return reply(request, json.dumps({"peers": peers}, indent=1).encode() + b"\n")
 

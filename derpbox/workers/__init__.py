@@ -1,0 +1,1 @@
+"""Every core of the host: a supervisor and worker processes meshed behind one port."""

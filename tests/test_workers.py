@@ -1,0 +1,241 @@
+"""Worker processes behind one port (derpbox -workers N): real processes, real sockets.
+
+Each worker has an internal unix socket (in the directory the supervisor logs) that
+also answers /debug/ for this user: that is how the tests see which worker a client
+landed on.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from derpbox.client import DERPClient
+from derpbox.protocol.frames import FrameType
+from derpbox.workers.host import available_cpus
+
+from .support import SteadyPair, unused_port
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=5)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(self.path)
+
+
+class Node:
+    """``derpbox -workers N`` on 127.0.0.1 (plain HTTP), its log and its workers."""
+
+    def __init__(self, tmp_path, workers: int, *flags: str):
+        self.port = unused_port()
+        self.count = workers
+        self.log_path = tmp_path / "derpbox.log"
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "derpbox", "-a", f"127.0.0.1:{self.port}", "-tls", "off", "-c",
+             str(tmp_path / "derper.key"), "-stun-port", "0", "-http-port", "0", "-workers", str(workers),
+             *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        line = self.wait_for_log(r"internal mesh sockets in (\S+)")
+        self.mesh_dir = re.search(r"internal mesh sockets in (\S+)", line)[1]
+        # Every worker dials every other one.
+        self.wait_for_log(r"connected to", count=workers * (workers - 1))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/derp"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m[0] for m in re.finditer(f".*{pattern}.*", self.log_text())]
+            if len(found) >= count:
+                return found[count - 1]
+            assert self.proc.poll() is None, f"derpbox exited: {self.log_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {count} lines matching {pattern!r}: {self.log_text()[-3000:]}"
+            time.sleep(0.05)
+
+    def vars(self, index: int) -> dict:
+        conn = UnixHTTPConnection(os.path.join(self.mesh_dir, f"worker{index}.sock"))
+        conn.request("GET", "/debug/vars")
+        body = conn.getresponse().read()
+        conn.close()
+        return json.loads(body)
+
+    def clients(self) -> list[int]:
+        """Client connections per worker (the other workers' mesh links left out)."""
+        return [self.vars(i)["derp_current_connections"] - (self.count - 1) for i in range(self.count)]
+
+    def connect(self, key=None) -> tuple[DERPClient, int]:
+        """A client, and the worker it landed on."""
+        before = self.clients()
+        client = DERPClient.connect(self.url, key)
+        deadline = time.monotonic() + 5
+        while (after := self.clients()) == before:
+            assert time.monotonic() < deadline, "no worker registered the client"
+            time.sleep(0.01)
+        [worker] = [i for i, (a, b) in enumerate(zip(after, before)) if a > b]
+        return client, worker
+
+    def connect_on(self, worker: int, tries: int = 60) -> DERPClient:
+        """A client that landed on ``worker`` (the kernel picks; the others are closed)."""
+        for _ in range(tries):
+            client, landed = self.connect()
+            if landed == worker:
+                return client
+            client.close()
+        raise AssertionError(f"no connection landed on worker {worker} in {tries} tries")
+
+    def worker_pids(self) -> set[int]:
+        pids = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    pids.add(int(entry))
+        return pids
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def node(tmp_path):
+    started = []
+
+    def start(workers, *flags):
+        n = Node(tmp_path, workers, *flags)
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        n.stop()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_clients_on_different_workers_relay_to_each_other(node, workers):
+    n = node(workers)
+    clients = [n.connect_on(i) for i in range(workers)]
+    for src in clients:
+        for dst in clients:
+            if src is not dst:
+                src.send_packet(dst.public_key, b"from %s" % src.public_key[:4])
+                assert dst.recv_packet() == (src.public_key, b"from %s" % src.public_key[:4])
+    forwarded = sum(n.vars(i)["derp_packets_forwarded_out"] for i in range(workers))
+    assert forwarded == workers * (workers - 1)
+    for c in clients:
+        c.close()
+
+
+def test_peer_gone_reaches_a_client_on_another_worker(node):
+    n = node(2)
+    x, y = n.connect_on(0), n.connect_on(1)
+    y.send_packet(x.public_key, b"hello from worker 1")
+    assert x.recv_packet() == (y.public_key, b"hello from worker 1")
+    y.close()
+    gone = x.recv_until(FrameType.PEER_GONE)
+    assert gone.payload == y.public_key + b"\x00"
+    x.close()
+
+
+def test_a_killed_worker_is_restarted_and_others_lose_nothing(node):
+    n = node(2)
+    # A steady pair both on worker 0; worker 1 is killed under it.
+    for _ in range(30):
+        before = n.clients()
+        pair = SteadyPair(n.url)
+        time.sleep(0.1)
+        after = n.clients()
+        if after[0] - before[0] == 2:
+            break
+        pair.stop()
+    else:
+        pytest.fail("no steady pair landed on one worker")
+    other = n.connect_on(1)
+    old = n.worker_pids()
+    victim = next(pid for pid in old if f"pid {pid})" in n.log_text() and
+                  re.search(rf"worker 1 started \(pid {pid}\)", n.log_text()))
+    os.kill(victim, signal.SIGKILL)
+    assert other.is_closed_by_server(5)
+    n.wait_for_log(r"worker 1 exited")
+    n.wait_for_log(r"worker 1 started", count=2)
+    n.wait_for_log(r"connected to", count=2 + 2)  # the new worker 1 and worker 0 link up again
+    again = n.connect_on(1)
+    sent, received = pair.stop()
+    assert sent > 20 and received == list(range(len(received))) and len(received) >= sent - 1
+    assert n.vars(0)["derp_current_connections"] >= 1
+    again.close()
+
+
+def test_sigterm_tells_every_client_and_exits_zero(node):
+    n = node(2)
+    clients = [n.connect_on(0), n.connect_on(1)]
+    started = time.monotonic()
+    n.proc.send_signal(signal.SIGTERM)
+    for c in clients:
+        frame = c.recv_until(FrameType.RESTARTING, timeout=10)
+        assert len(frame.payload) == 8
+        c.close()
+    assert n.proc.wait(15) == 0
+    assert time.monotonic() - started < 15
+    assert "every worker stopped" in n.log_text()
+
+
+def test_sighup_reaches_every_worker(node, tmp_path):
+    n = node(2, "-tls", "on", "-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(tmp_path / "certs"))
+    n.proc.send_signal(signal.SIGHUP)
+    for i in range(2):
+        n.wait_for_log(rf"\[worker{i}\] SIGHUP received: reloading TLS certificates")
+    # One certificate for the node: the supervisor made it before the workers loaded it.
+    pins = set(re.findall(r"sha256-raw:([0-9a-f]{64})", n.log_text()))
+    assert len(pins) == 1
+
+
+@pytest.mark.parametrize("cpu_max, expected", [
+    ("max 100000\n", None),
+    ("150000 100000\n", 2),
+    ("50000 100000\n", 1),
+    ("100000000 100000\n", None),
+])
+def test_auto_honours_the_cgroup_quota(tmp_path, cpu_max, expected):
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == min(affinity, expected or affinity)
+
+
+def test_auto_honours_a_cgroup_v1_quota(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
