@@ -35,6 +35,7 @@ from twisted.web.resource import Resource
 from .config import DEFAULT_HOSTNAME, ConfigError, Settings, UsageRequested, load_settings
 from .protocol.stun import DEFAULT_STUN_PORT
 from .tls.certs import CertificateError, CertifiedKey, cert_paths, load_certified_key
+from .tls.pins import PIN_PREFIX
 
 # A node without DERPPort is reached on this port (tailcfg.DERPNode).
 DEFAULT_DERP_PORT = 443
@@ -136,7 +137,7 @@ def build_node(settings: Settings, cert: CertifiedKey | None = None) -> dict:
         # Clients accept exactly one certificate (besides the meta-certificate) under a
         # sha256-raw pin; a CA-issued chain is verified the usual way instead.
         if len(cert.chain) == 1:
-            node["CertName"] = "sha256-raw:" + cert.sha256_hex
+            node["CertName"] = PIN_PREFIX + cert.sha256_hex
     ip = _hostname_ip(settings)
     for family, public in ((4, settings.public_ipv4), (6, settings.public_ipv6)):
         value = public or (str(ip) if ip is not None and ip.version == family else "")

@@ -14,6 +14,7 @@ from OpenSSL import crypto
 
 from .. import netaddr
 from ..tls.metacert import is_meta_certificate
+from ..tls.pins import PIN_PREFIX
 from .results import FAIL, OK, WARN
 
 EXPIRY_WARN_DAYS = 14
@@ -101,8 +102,8 @@ def verify_chain(chain: list[x509.Certificate], cafile: str | None) -> str | Non
 def check_cert_name_rules(chain: list[x509.Certificate], host_name: str, cert_name: str,
                           sni: str | None, cafile: str | None) -> tuple[str, str, list[str]]:
     """Apply Tailscale's CertName rules (spec 8.2): (status, detail, diagnosis)."""
-    if cert_name.startswith("sha256-raw:"):
-        return _check_pinned(chain, cert_name[len("sha256-raw:"):], sni)
+    if cert_name.startswith(PIN_PREFIX):
+        return _check_pinned(chain, cert_name[len(PIN_PREFIX):], sni)
     return _check_named(chain, cert_name or host_name, "CertName" if cert_name else "HostName", cafile)
 
 
