@@ -15,15 +15,19 @@ from types import SimpleNamespace
 import pytest
 import pytest_twisted
 from nacl.public import PrivateKey
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 
 from derpbox.checks.healthcheck import healthcheck
 from derpbox.checks.results import OK, WARN
 from derpbox.client import DERPClient
+from derpbox.mesh.link import MeshLink
 from derpbox.mesh import peers as mesh_peers
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameType
 from derpbox.relay.peer import Peer
+from derpbox.relay.stats import RelayStats
 
 from .meshnet import HOST, MESH_KEY, connect, exchange, knows, meshed, peer_of
 from .support import unused_port, wait_for
@@ -335,3 +339,34 @@ def test_healthcheck_reports_each_mesh_peer(region):
     results = yield deferToThread(healthcheck, a.service.settings, 2.0)
     to_b = {r.name: r for r in results}[f"mesh {HOST}:{b_port}/127.0.0.1"]
     assert to_b.status == WARN and "Connection refused" in to_b.detail
+
+
+def test_a_forward_write_stalled_for_5_s_closes_the_link():
+    """Twisted pauses the link (the peer does not read): 5 s later it is closed, as Go's mesh client."""
+    clock = Clock()
+    reasons = []
+    peer = SimpleNamespace(clock=clock, link_failed=lambda link, reason: reasons.append(reason),
+                           relay=SimpleNamespace(stats=RelayStats(), needs_flush=lambda link: None))
+    # A link past its handshake, registered as its transport's producer as connectionMade does.
+    link = MeshLink(peer, None)
+    transport = StringTransport()
+    link.transport = transport
+    transport.registerProducer(link, True)
+    link.ready = True
+    link.pauseProducing()
+    link.forward(bytes(32), bytes(32), b"x" * 100, False)
+    clock.advance(4.9)
+    assert not transport.disconnecting and reasons == []
+    clock.advance(0.2)
+    assert reasons == ["ForwardPacket writes stalled for 5 s"] and transport.disconnecting
+    # Resumed in time, the timer is gone and what waited is written.
+    link2 = MeshLink(peer, None)
+    link2.transport = StringTransport()
+    link2.transport.registerProducer(link2, True)
+    link2.ready = True
+    link2.pauseProducing()
+    link2.forward(bytes(32), bytes(32), b"y" * 10, False)
+    clock.advance(3)
+    link2.resumeProducing()
+    clock.advance(10)
+    assert len(reasons) == 1 and link2.transport.value().endswith(b"y" * 10)
