@@ -902,9 +902,6 @@ def _from_file(opt: Option, where: str, value: Any) -> Any:
 
 def _single_process_only(s) -> str:
     """What this version can only do in one process (derpbox.workers), or ""."""
-    if s.mesh_with or s.mesh_peers_file:
-        # Another node's link lands on one worker, which would announce only its own clients.
-        return "-mesh-with/-mesh-peers-file"
     if s.use_tls and s.certmode in ("letsencrypt", "gcp"):
         # One process must order and renew the certificate.
         return f"-certmode {s.certmode}"
@@ -921,8 +918,8 @@ def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
             what = "-mesh-with (DERP_MESH_WITH)" if s.mesh_with else "-mesh-peers-file (DERP_MESH_PEERS_FILE)"
             raise ConfigError(f"{what} needs a mesh key: set {source}")
     if s.workers > 1 and _single_process_only(s):
-        raise ConfigError(f"-workers {s.workers} with {_single_process_only(s)} is not supported yet: use -workers 1"
-                          + ("" if s.mesh_with or s.mesh_peers_file else ", or -certmode manual"))
+        raise ConfigError(f"-workers {s.workers} with {_single_process_only(s)} is not supported yet: "
+                          "use -workers 1, or -certmode manual")
     if not s.use_tls:
         return
     if not s.certdir:

@@ -22,6 +22,7 @@ from derpbox.service import DerpboxService
 from .certs import make_cert  # noqa: F401  (tests import it from here)
 from .meshnet import quick_redial, region  # noqa: F401  (fixtures: meshed derpbox nodes)
 from .pebble import pebble, pebble_eab  # noqa: F401  (session fixtures: real ACME CAs on loopback)
+from .workernode import node  # noqa: F401  (fixture: derpbox -workers N as a process)
 
 
 @dataclass

@@ -379,7 +379,6 @@ def test_workers_auto_is_one_process_where_workers_are_not_supported_yet():
     (["-workers", "many"], "-workers"),
     (["-workers", "2", "-certmode", "letsencrypt", "-hostname", "derp.example.com", "-a", ":443"],
      "not supported yet"),
-    (["-workers", "3", "-tls", "off", "-mesh-with", "a.example", "-mesh-key", "ab" * 32], "-mesh-with/-mesh-peers-file"),
 ])
 def test_bad_workers(flags, message):
     with pytest.raises(ConfigError, match=message):

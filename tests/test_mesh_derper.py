@@ -9,6 +9,7 @@ and one derper, where every pair of clients reaches each other.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import pytest_twisted
@@ -117,3 +118,36 @@ def test_three_node_region_of_two_derpbox_and_one_derper(region, derper):
     for c in clients.values():
         yield deferToThread(c.close)
     assert a.service.consistency_problems() == [] and b.service.consistency_problems() == []
+
+
+def test_a_derper_client_reaches_clients_on_both_workers_of_a_derpbox_node(region, derper, node, tmp_path):
+    """A node of 2 workers meshed internally and with an external derper at the same time."""
+    pa, pd = unused_port(), unused_port()
+    entries = ",".join((entry(pa), entry(pd)))
+    certs = tmp_path / "workers-certs"
+    certs.mkdir()
+    (certs / f"{HOST}.crt").write_bytes(region.crt.read_bytes())
+    (certs / f"{HOST}.key").write_bytes(region.key.read_bytes())
+    n = node(2, "-hostname", HOST, "-certmode", "manual", "-certdir", str(certs), "-mesh-with", entries,
+             "-mesh-key", MESH_KEY, "-mesh-ca-file", str(region.ca), port=pa,
+             tls={"server_name": HOST, "cafile": str(region.ca)})
+    d = derper(pd, entries)
+    n.wait_for_log(r"mesh\(derp.test:\d+/127.0.0.1\): connected to", count=2)  # each worker's link to derper
+    on_workers = [n.connect_on(0), n.connect_on(1)]
+    cd = connect(d)
+    for i, c in enumerate(on_workers):
+        # Until derper has learned the client (PeerPresent travels while we start), its packets
+        # are dropped: send again until one arrives.
+        deadline = time.monotonic() + 15
+        while True:
+            cd.send_packet(c.public_key, b"from derper to worker %d" % i)
+            try:
+                got = c.recv_packet(timeout=0.5)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, f"derper never reached the client on worker {i}"
+        assert got == (cd.public_key, b"from derper to worker %d" % i)
+        c.send_packet(cd.public_key, b"from worker %d to derper" % i)
+        assert cd.recv_packet() == (c.public_key, b"from worker %d to derper" % i)
+    for c in (*on_workers, cd):
+        c.close()

@@ -461,6 +461,8 @@ def test_watcher_hears_of_a_later_client_at_once():
 class RecordingForwarder:
     """A mesh link as the relay sees it: records what it is asked to forward."""
 
+    is_worker = False
+
     def __init__(self, name):
         self.name = name
         self.forwarded = []
@@ -559,3 +561,39 @@ def test_a_closed_receiver_is_not_kept_by_the_sender_record(relay):
     # Nothing but this test's frame refers to the closed connection.
     assert [r for r in gc.get_referrers(b) if r is not sys._getframe()] == []
     assert relay.check_consistency() == []
+
+
+class WorkerForwarder(RecordingForwarder):
+    is_worker = True
+
+
+def test_other_nodes_see_one_node_across_workers():
+    mesh_key, worker_key = bytes(range(32)), bytes(range(1, 33))
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=mesh_key, worker_mesh_key=worker_key)
+    other_node, c_node, _ = connect(relay, info={"meshKey": mesh_key.hex()})
+    other_worker, c_worker, _ = connect(relay, info={"meshKey": worker_key.hex()})
+    for watcher in (other_node, other_worker):
+        watcher.feed(F.WATCH_CONNS_FRAME)
+    relay.flush()
+    c_node.take()
+    c_worker.take()
+    on_worker = pub(PrivateKey.generate())
+    fwd = WorkerForwarder("worker1")
+    relay.add_forwarder(on_worker, fwd)
+    relay.flush()
+    # Another node learns the other worker's client from this worker; the other workers do not.
+    (_, present), = c_node.take(FrameType.PEER_PRESENT)
+    assert F.parse_peer_present(present)[0] == on_worker
+    assert c_worker.take(FrameType.PEER_PRESENT) == []
+    # Its packets for that client take one internal hop.
+    other_node.feed(F.forward_packet_frame(bytes(32), on_worker, b"via this worker"))
+    assert fwd.forwarded == [(bytes(32), on_worker, b"via this worker", False)]
+    # When it leaves the other worker, it has left this node.
+    relay.remove_forwarder(on_worker, fwd)
+    relay.flush()
+    assert c_node.take(FrameType.PEER_GONE) == [(FrameType.PEER_GONE, on_worker + b"\x00")]
+    # A packet from another worker is never passed on (one internal hop at most).
+    relay.add_forwarder(on_worker, fwd)
+    other_worker.feed(F.forward_packet_frame(bytes(32), on_worker, b"no loop"))
+    assert len(fwd.forwarded) == 1
+    assert relay.stats.dropped_packets[("unknown_dest_on_fwd", "other")] == 1

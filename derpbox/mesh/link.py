@@ -158,8 +158,8 @@ class MeshLink(Protocol):
     def _frame(self, ftype: int, payload) -> None:
         self.frames_seen += 1
         if ftype == FrameType.PEER_PRESENT:
-            key = parse_peer_present(payload)[0]
-            self.peer.present(key)
+            key, _, _, flags = parse_peer_present(payload)
+            self.peer.present(key, flags)
         elif ftype == FrameType.PEER_GONE:
             key, reason = parse_peer_gone(payload)
             self.peer.gone(key, reason)

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from ..counters import counter, gauge
 from ..logs import LogThrottle
-from ..protocol.frames import PeerGoneReason
+from ..protocol.frames import PeerGoneReason, PeerPresentFlags
 from ..relay.relay import Relay
 from ..tls.client import VerifiedClientTLS
 from .link import MeshLink
@@ -97,6 +97,11 @@ class MeshPeer:
 
     def __repr__(self) -> str:
         return f"<MeshPeer {self.name} {self.state}>"
+
+    @property
+    def is_worker(self) -> bool:
+        """Another worker of this node (derpbox.workers), not another node of the region."""
+        return bool(self.spec.unix_path)
 
     # -- dialling -----------------------------------------------------------
 
@@ -190,7 +195,10 @@ class MeshPeer:
 
     # -- the keys the peer announced -----------------------------------------
 
-    def present(self, key: bytes) -> None:
+    def present(self, key: bytes, flags: int | None = None) -> None:
+        if self.is_worker and flags is not None and flags & PeerPresentFlags.IS_MESH_PEER:
+            # Another worker's mesh links (to us, to other workers, to other nodes) are no clients.
+            return
         if key not in self.keys:
             self.keys.add(key)
             self.stats.keys[self.name] = len(self.keys)

@@ -72,6 +72,7 @@ class Peer:
         "info",
         "state",
         "is_mesh",
+        "is_worker",
         "not_ideal",
         "preferred",
         "connected_at",
@@ -100,6 +101,8 @@ class Peer:
         self.info = None
         self.state = HANDSHAKE
         self.is_mesh = False
+        # A link from another worker of this node (derpbox.workers), which is a mesh peer too.
+        self.is_worker = False
         self.not_ideal = not_ideal
         self.preferred = False
         self.connected_at = 0.0
@@ -228,6 +231,7 @@ class Peer:
         self.key = info.key
         self.info = info
         self.is_mesh = self.relay.is_mesh_key(info.mesh_key)
+        self.is_worker = self.relay.is_worker_key(info.mesh_key)
         rest = buf[used:]
         # A valid mesh key admits and skips every check (spec 1.4, step 5).
         pending = self.relay.admission_check(self.key, self.remote[0], info.mesh_key)

@@ -46,6 +46,14 @@ RESTART_RECONNECT_MS = 500
 RESTART_TRY_FOR_MS = 30_000
 
 
+def _worker_forwarder(record: ClientSet):
+    return next((f for f in record.forwarders if f.is_worker), None)
+
+
+def _on_another_worker(record: ClientSet) -> bool:
+    return any(f.is_worker for f in record.forwarders)
+
+
 class Relay:
     def __init__(
         self,
@@ -81,7 +89,11 @@ class Relay:
     # -- admission and registration --------------------------------------
 
     def is_mesh_key(self, offered: bytes | None) -> bool:
-        return mesh_key_matches(self.mesh_key, offered) or mesh_key_matches(self._worker_mesh_key, offered)
+        return mesh_key_matches(self.mesh_key, offered) or self.is_worker_key(offered)
+
+    def is_worker_key(self, offered: bytes | None) -> bool:
+        """The key another worker of this node presents (derpbox.workers)."""
+        return mesh_key_matches(self._worker_mesh_key, offered)
 
     def admission_check(self, key: bytes, ip: str, offered_key: bytes | None) -> Deferred | None:
         """The pending admission decision for a new client, or None when it is admitted
@@ -150,11 +162,13 @@ class Relay:
         if not record.forwarders:
             del clients[key]
             self._gone_from_region(key, record)
-        if not self._restarting:
-            # Watchers hear of every local departure; the key may still be reachable elsewhere.
-            if self._watchers:
-                frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
-                for watcher in self._watchers:
+        if not self._restarting and self._watchers:
+            # The other workers hear of every local departure. Another node hears of it unless
+            # the key is still on this node, on another worker.
+            on_node = _on_another_worker(record)
+            frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
+            for watcher in self._watchers:
+                if watcher.is_worker or not on_node:
                     watcher.send_mesh_update(frame)
 
     def _gone_from_region(self, key: bytes, record: ClientSet) -> None:
@@ -256,6 +270,14 @@ class Relay:
             if record is not None and len(record.conns) > 1:
                 stats.drop("dup_client", disco, len(packet))
                 return
+            if record is not None and not mesh_peer.is_worker and not record.conns:
+                # From another node, for a client on another worker of this one: one more,
+                # internal, hop (another worker only ever delivers locally, so no loop).
+                worker = _worker_forwarder(record)
+                if worker is not None:
+                    stats.packets_forwarded_out += 1
+                    worker.forward_packet(src_key, dst_key, packet, disco)
+                    return
             stats.drop("unknown_dest_on_fwd", disco, len(packet))
             # NotHere goes to the mesh peer that forwarded it, which drops its stale forwarder.
             if disco and mesh_peer.not_here_allowed():
@@ -278,9 +300,13 @@ class Relay:
         forwarders = record.forwarders
         if forwarder in forwarders:
             return
+        newly_on_node = forwarder.is_worker and not record.conns and not _on_another_worker(record)
         forwarders.append(forwarder)
         if len(forwarders) == 2:
             self.stats.multiforwarder_created += 1
+        if newly_on_node:
+            # A client of another worker is a client of this node for other nodes.
+            self._tell_other_nodes(peer_present_frame(key, bytes(16), 0, PeerPresentFlags.IS_REGULAR))
 
     def remove_forwarder(self, key: bytes, forwarder) -> None:
         """A mesh peer no longer has ``key`` (PeerGone, or its link broke)."""
@@ -293,18 +319,28 @@ class Relay:
         forwarders.remove(forwarder)
         if len(forwarders) == 1:
             self.stats.multiforwarder_deleted += 1
+        if forwarder.is_worker and not record.conns and not _on_another_worker(record) and not self._restarting:
+            self._tell_other_nodes(peer_gone_frame(key, PeerGoneReason.DISCONNECTED))
         if not forwarders and not record.conns:
             del self._clients[key]
             self._gone_from_region(key, record)
+
+    def _tell_other_nodes(self, frame: bytes) -> None:
+        """A mesh update for the watchers that are other nodes (not this node's workers)."""
+        for watcher in self._watchers:
+            if not watcher.is_worker:
+                watcher.send_mesh_update(frame)
 
     def _watch(self, peer: Peer) -> None:
         if peer.key == self.public_key or peer in self._watchers:
             return
         self._watchers.append(peer)
         self.stats.watchers += 1
-        for record in self._clients.values():
+        for key, record in self._clients.items():
             if record.active is not None:
                 peer.send_mesh_update(self._presence(record.active))
+            elif not peer.is_worker and not record.conns and _on_another_worker(record):
+                peer.send_mesh_update(peer_present_frame(key, bytes(16), 0, PeerPresentFlags.IS_REGULAR))
 
     def _announce(self, peer: Peer) -> None:
         if self._watchers:
