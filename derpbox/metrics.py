@@ -24,7 +24,7 @@ from operator import attrgetter
 from . import __version__
 from .counters import HISTOGRAM, Metric
 
-__all__ = ["CONTENT_TYPE", "Family", "Metrics", "declared", "render", "open_fds"]
+__all__ = ["CONTENT_TYPE", "Family", "Metrics", "declared", "render", "open_fds", "sample_key", "vars_of"]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -186,14 +186,22 @@ class Metrics:
         return render(self.families())
 
     def vars(self) -> dict:
-        """The same values as JSON: unlabelled families as numbers, labelled ones as
-        {"label=value,...": number} maps (expvar-like; not derper's exact nesting)."""
-        out: dict = {}
-        for fam in self.families():
-            if len(fam.samples) == 1 and not fam.samples[0][0] and not fam.samples[0][2]:
-                out[fam.name] = fam.samples[0][1]
-            else:
-                out[fam.name] = {",".join([suffix.lstrip("_")] * bool(suffix) + [f"{k}={v}" for k, v in labels]): value
-                                 for labels, value, suffix in fam.samples}
-        out["derp_version"] = __version__
-        return out
+        return vars_of(self.families())
+
+
+def sample_key(labels: tuple[tuple[str, str], ...], suffix: str) -> str:
+    """A labelled sample's key in the JSON view: "label=value,...", a histogram's series first."""
+    return ",".join([suffix.lstrip("_")] * bool(suffix) + [f"{k}={v}" for k, v in labels])
+
+
+def vars_of(families: list[Family]) -> dict:
+    """The families as JSON: unlabelled ones as numbers, labelled ones as {sample_key: number}
+    maps (expvar-like; not derper's exact nesting)."""
+    out: dict = {}
+    for fam in families:
+        if len(fam.samples) == 1 and not fam.samples[0][0] and not fam.samples[0][2]:
+            out[fam.name] = fam.samples[0][1]
+        else:
+            out[fam.name] = {sample_key(labels, suffix): value for labels, value, suffix in fam.samples}
+    out["derp_version"] = __version__
+    return out

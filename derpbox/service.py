@@ -39,6 +39,7 @@ from .web.endpoints import QuietSite, build_main_site
 from .web.port80 import build_port80_site
 from .web.proxied import ProxyProtocolFactory
 from .workers.context import WorkerContext
+from .workers.view import NodeView
 
 log = Logger()
 
@@ -203,6 +204,7 @@ class DerpboxService(MultiService):
         self.reactor = reactor
         # Set in a worker process: listeners come from the supervisor, the other workers are meshed.
         self.worker = worker
+        self.node_view = NodeView(reactor, worker) if worker is not None else None
         serve = load_serve_settings(settings, environ)
         self.admission = build_admission(settings, reactor)
         private_key = load_server_key(settings)
@@ -301,6 +303,7 @@ class DerpboxService(MultiService):
             environ=environ,
             consistency=self.consistency_problems,
             mesh_status=self.mesh_status,
+            node_view=self.node_view,
         )
         extra = {}
         if settings.derpmap_path:
@@ -352,7 +355,8 @@ class DerpboxService(MultiService):
         settings = self.settings
         if settings.metrics_listen is None:
             return None
-        resource = MetricsListenerResource(self.metrics, settings.metrics_allow_networks, healthy=lambda: self.running)
+        resource = MetricsListenerResource(self.metrics, settings.metrics_allow_networks, healthy=lambda: self.running,
+                                           node_view=self.node_view)
         host, port = settings.metrics_listen
         if self.worker is not None and self.worker.index != 0:
             # One worker serves the metrics listener (a scrape must not land on a random worker).

@@ -7,9 +7,12 @@ landed on.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from derpbox.protocol.frames import FrameType
 from derpbox.workers.host import available_cpus
 
-from .support import SteadyPair
+from .support import SteadyPair, unused_port
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -118,3 +121,51 @@ def test_auto_honours_a_cgroup_v1_quota(tmp_path):
     assert available_cpus(tmp_path) == 1
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    return response.status, body
+
+
+def _sample(text: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+
+
+def test_one_scrape_shows_the_node_totals(node):
+    metrics_port = unused_port()
+    n = node(2, "-metrics-addr", f"127.0.0.1:{metrics_port}", "-metrics-allow", "127.0.0.1")
+    a, b = n.connect_on(0), n.connect_on(1)
+    same = n.connect_on(0)
+    for i in range(7):
+        a.send_packet(b.public_key, b"%d" % i)   # across the workers
+        b.recv_packet()
+    for i in range(5):
+        a.send_packet(same.public_key, b"%d" % i)  # on worker 0
+        same.recv_packet()
+    for _, text in (_get(n.port, "/debug/varz"), _get(metrics_port, "/metrics")):
+        assert _sample(text, "derp_packets_received") == 12
+        assert _sample(text, "derp_packets_sent") == 12
+        assert _sample(text, "derp_packets_forwarded_out") == 7
+        assert 'derpbox_workers_up{worker="0"} 1' in text and 'derpbox_workers_up{worker="1"} 1' in text
+    # Each worker alone (as the others ask it) tells its own part.
+    parts = [n.vars(i) for i in range(2)]
+    assert sorted(p["derp_packets_received"] for p in parts) == [0, 12]
+    status, body = _get(n.port, "/debug/check")
+    assert status == 200 and "okay" in body
+    for c in (a, b, same):
+        c.close()
+
+
+def test_healthcheck_reports_each_worker(node, tmp_path):
+    n = node(2)
+    argv = ["-a", f"127.0.0.1:{n.port}", "-tls", "off", "-c", str(tmp_path / "derper.key"), "-stun=false",
+            "-workers", "2"]
+    out = subprocess.run([sys.executable, "-m", "derpbox", "healthcheck", *argv], capture_output=True, text=True,
+                         timeout=30)
+    assert "ok   worker 0: up," in out.stdout and "ok   worker 1: up," in out.stdout, out.stdout
+    assert out.returncode == 0, out.stdout

@@ -70,7 +70,7 @@ class Node:
 
     def vars(self, index: int) -> dict:
         conn = UnixHTTPConnection(os.path.join(self.mesh_dir, f"worker{index}.sock"))
-        conn.request("GET", "/debug/vars")
+        conn.request("GET", "/debug/vars?scope=worker")
         body = conn.getresponse().read()
         conn.close()
         return json.loads(body)

@@ -86,6 +86,8 @@ class LocalInstance:
                    for url in s.verify_client_urls]
         if s.mesh_with or s.mesh_peers_file:
             checks.append(("mesh", self.check_mesh))
+        if s.workers != 1:
+            checks.append(("workers", self.check_workers))
         return checks
 
     def check_tls(self) -> Result:
@@ -148,6 +150,21 @@ class LocalInstance:
         peers = json.loads(r.body)["peers"]
         return Result("mesh", OK, f"{len(peers)} peers", data={"peers": peers})
 
+    def check_workers(self) -> Result:
+        """Each worker, as the node sees them: the worker answering asks the others."""
+        r = http_request(self.host, self.port, "/debug/vars", tls=self.tls, sni=self.sni,
+                         host_header=self.host_header, timeout=self.timeout, preamble=self.preamble)
+        if r.status != 200:
+            raise CheckFailed(f"GET /debug/vars answered {r.status}")
+        node = json.loads(r.body)
+        up = node.get("derpbox_workers_up")
+        if not isinstance(up, dict):
+            raise CheckFailed("the server runs as one process (no workers)")
+        conns = node.get("derpbox_worker_current_connections", {})
+        workers = [{"worker": key.removeprefix("worker="), "up": bool(value), "connections": conns.get(key)}
+                   for key, value in up.items()]
+        return Result("workers", OK, f"{len(workers)} workers", data={"workers": workers})
+
     def check_admission_url(self, url: str) -> Result:
         body = json.dumps({"NodePublic": PROBE_NODE_KEY, "Source": "127.0.0.1"}).encode()
         req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
@@ -164,7 +181,11 @@ class LocalInstance:
 
 
 def _per_peer(result: Result) -> list[Result]:
-    """The mesh check as one line per peer: connected (keys learned) or why not."""
+    """The mesh and workers checks as one line per peer or worker."""
+    if result.name == "workers" and "workers" in result.data:
+        return [Result(f"worker {w['worker']}", OK, f"up, {w['connections']} connections") if w["up"]
+                else Result(f"worker {w['worker']}", FAIL, "not answering (restarting, or stuck)")
+                for w in result.data["workers"]]
     if result.name != "mesh" or "peers" not in result.data:
         return [result]
     lines = []

@@ -26,9 +26,10 @@ from twisted.internet.address import UNIXAddress
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from ..metrics import CONTENT_TYPE, Metrics
+from ..metrics import CONTENT_TYPE, Metrics, render, vars_of
 from ..netaddr import in_networks, ip_version, parse_ip, remote_address
-from .endpoints import BROWSER_HEADERS, http_error, reply
+from ..workers.view import WORKER_SCOPE
+from .endpoints import BROWSER_HEADERS, http_error, reply, reply_later
 from .proxied import came_via_proxy
 
 __all__ = ["DEBUG_CSP", "DebugResource", "debug_allowed", "ip_debug_allowed", "request_remote_ip"]
@@ -120,6 +121,7 @@ class DebugResource(Resource):
         environ=os.environ,
         consistency=None,
         mesh_status=None,
+        node_view=None,
     ) -> None:
         super().__init__()
         self.metrics = metrics
@@ -130,6 +132,8 @@ class DebugResource(Resource):
         self.environ = environ
         # Each outbound mesh link's state (derpbox.mesh.peers), for /debug/mesh.
         self.mesh_status = mesh_status or list
+        # In a worker (derpbox.workers.view): the node's figures, gathered from every worker.
+        self.node_view = node_view
 
     def render(self, request: server.Request) -> bytes:
         if not debug_allowed(request, self.environ):
@@ -177,10 +181,14 @@ class DebugResource(Resource):
 
     def _varz(self, request: server.Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE)
+        if _whole_node(request, self.node_view):
+            return reply_later(request, self.node_view.families(self.metrics).addCallback(render))
         return reply(request, self.metrics.exposition())
 
     def _vars(self, request: server.Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        if _whole_node(request, self.node_view):
+            return reply_later(request, self.node_view.families(self.metrics).addCallback(_json_vars))
         return reply(request, json.dumps(self.metrics.vars(), indent=1).encode() + b"\n")
 
     def _mesh(self, request: server.Request) -> bytes:
@@ -189,11 +197,28 @@ class DebugResource(Resource):
         return reply(request, json.dumps({"peers": peers}, indent=1).encode() + b"\n")
 
     def _check(self, request: server.Request) -> bytes:
-        problems = self.consistency()
-        if problems:
-            return http_error(request, http.INTERNAL_SERVER_ERROR, "\n".join(problems))
+        if _whole_node(request, self.node_view):
+            return reply_later(request, self.node_view.problems(self.consistency()).addCallback(
+                lambda problems: _check_answer(request, problems)))
+        return _check_answer(request, self.consistency())
+
+
+def _whole_node(request: server.Request, node_view) -> bool:
+    """Answer for the whole node (a worker asking another worker wants that worker alone)."""
+    return node_view is not None and request.args.get(b"scope") != [WORKER_SCOPE]
+
+
+def _json_vars(families) -> bytes:
+    return json.dumps(vars_of(families), indent=1).encode() + b"\n"
+
+
+def _check_answer(request: server.Request, problems: list[str]) -> bytes:
+    if problems:
+        request.setResponseCode(http.INTERNAL_SERVER_ERROR)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return reply(request, b"derp.Server ConsistencyCheck okay")
+        return "\n".join(problems).encode() + b"\n"
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return b"derp.Server ConsistencyCheck okay"
 
 
 class MetricsListenerResource(Resource):
@@ -204,11 +229,12 @@ class MetricsListenerResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics, allow, healthy=lambda: True) -> None:
+    def __init__(self, metrics: Metrics, allow, healthy=lambda: True, node_view=None) -> None:
         super().__init__()
         self.metrics = metrics
         self.allow = list(allow)
         self.healthy = healthy
+        self.node_view = node_view
 
     def allowed(self, ip_text: str) -> bool:
         return in_networks(parse_ip(ip_text), self.allow)
@@ -218,6 +244,8 @@ class MetricsListenerResource(Resource):
             return http_error(request, http.FORBIDDEN, "metrics access denied")
         if request.path == b"/metrics":
             request.setHeader(b"Content-Type", CONTENT_TYPE)
+            if self.node_view is not None:
+                return reply_later(request, self.node_view.families(self.metrics).addCallback(render))
             return reply(request, self.metrics.exposition())
         if request.path == b"/healthz":
             if not self.healthy():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from html import escape
 
+from twisted.internet import defer
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
@@ -52,6 +53,23 @@ def reply(request: server.Request, body: bytes) -> bytes:
     """
     request.setHeader(b"Content-Length", b"%d" % len(body))
     return b"" if request.method == b"HEAD" else body
+
+
+def reply_later(request: server.Request, body: defer.Deferred) -> int:
+    """For render(): answer with what ``body`` fires with (bytes), or 500 with its error."""
+
+    def done(data: bytes) -> None:
+        if not request.finished:
+            request.write(reply(request, data))
+            request.finish()
+
+    def failed(failure) -> None:
+        if not request.finished:
+            request.write(http_error(request, 500, failure.getErrorMessage()))
+            request.finish()
+
+    body.addCallbacks(done, failed)
+    return server.NOT_DONE_YET
 
 
 def http_error(request: server.Request, code: int, message: str) -> bytes:
