@@ -7,12 +7,16 @@ landed on.
 
 from __future__ import annotations
 
+import functools
 import http.client
+import http.server
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,6 +25,16 @@ from derpbox.protocol.frames import FrameType
 from derpbox.workers.host import available_cpus
 
 from .support import SteadyPair, unused_port
+from .tailcat import Tailcat, derp_map, needs_tailcat, transfer
+
+
+def serve_in_thread(tmp_path, the_map: dict) -> str:
+    """The DERP map over HTTP from a thread (these tests block; the reactor does not run)."""
+    (tmp_path / "map.json").write_text(json.dumps(the_map))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/map.json"
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -169,3 +183,22 @@ def test_healthcheck_reports_each_worker(node, tmp_path):
                          timeout=30)
     assert "ok   worker 0: up," in out.stdout and "ok   worker 1: up," in out.stdout, out.stdout
     assert out.returncode == 0, out.stdout
+
+
+@needs_tailcat
+def test_real_clients_relay_through_a_node_of_three_workers(node, tmp_path):
+    n = node(3, "-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(tmp_path / "certs"),
+             tls={"cafile": None})
+    tc = Tailcat(tmp_path / "tc", serve_in_thread(tmp_path, derp_map(n.port, None)))
+    payload = tmp_path / "in.bin"
+    payload.write_bytes(os.urandom(1024 * 1024 + 7))
+    # The kernel places each client on a worker: transfer until one crossed between workers
+    # (each try does with probability 2/3).
+    for attempt in range(6):
+        out = tmp_path / f"out{attempt}.bin"
+        transfer(tc, payload, out)
+        assert out.read_bytes() == payload.read_bytes()
+        if sum(n.vars(i)["derp_packets_forwarded_out"] for i in range(3)) > 100:
+            break
+    else:
+        pytest.fail("six transfers and the clients always shared a worker")

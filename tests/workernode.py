@@ -46,10 +46,14 @@ class Node:
              str(tmp_path / "derper.key"), "-stun-port", "0", "-http-port", "0", "-workers", str(workers),
              *(("-tls", "on") if tls else ()), *flags],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-        line = self.wait_for_log(r"internal mesh sockets in (\S+)")
-        self.mesh_dir = re.search(r"internal mesh sockets in (\S+)", line)[1]
-        # Every worker dials every other one.
-        self.wait_for_log(r"connected to", count=workers * (workers - 1))
+        try:
+            line = self.wait_for_log(r"internal mesh sockets in (\S+)")
+            self.mesh_dir = re.search(r"internal mesh sockets in (\S+)", line)[1]
+            # Every worker dials every other one.
+            self.wait_for_log(r"connected to", count=workers * (workers - 1))
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
