@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from nacl.public import PrivateKey
 
 from derpbox.protocol.frames import FrameType
 from derpbox.workers.host import available_cpus
@@ -202,3 +203,43 @@ def test_real_clients_relay_through_a_node_of_three_workers(node, tmp_path):
             break
     else:
         pytest.fail("six transfers and the clients always shared a worker")
+
+
+def test_duplicate_keys_on_two_workers_last_writer_wins(node):
+    n = node(2)
+    key = PrivateKey.generate()
+    older = newer = None
+    for _ in range(60):
+        c, landed = n.connect(key)
+        if landed == 0 and older is None:
+            older = c
+        elif landed == 1 and older is not None:
+            newer = c
+            break
+        else:
+            c.close()
+    assert older is not None and newer is not None, "the key did not land on both workers"
+    on_0, on_1 = n.connect_on(0), n.connect_on(1)
+
+    def delivered_to(sender, payload):
+        """Which connection of the key receives ``payload`` from ``sender``."""
+        sender.send_packet(key.public_key.encode(), payload)
+        for conn in (newer, older):
+            try:
+                if conn.recv_packet(timeout=1)[1] == payload:
+                    return conn
+            except TimeoutError:
+                continue
+        return None
+
+    # The newest connection receives, from either worker's clients.
+    assert delivered_to(on_0, b"1") is newer and delivered_to(on_1, b"2") is newer
+    # The older one speaks: it is the last writer now, on both workers.
+    older.send_packet(on_0.public_key, b"I am back")
+    assert on_0.recv_packet() == (key.public_key.encode(), b"I am back")
+    deadline = time.monotonic() + 5
+    while delivered_to(on_1, b"3") is not older:
+        assert time.monotonic() < deadline, "the other worker kept the newer connection"
+    assert delivered_to(on_0, b"4") is older
+    for c in (older, newer, on_0, on_1):
+        c.close()

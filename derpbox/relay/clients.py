@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class ClientSet:
-    __slots__ = ("conns", "active", "senders", "forwarders", "receivers")
+    __slots__ = ("conns", "active", "senders", "forwarders", "receivers", "superseded")
 
     def __init__(self) -> None:
         # Every connection of the key, oldest first.
@@ -33,6 +33,9 @@ class ClientSet:
         # Local connections that received packets from the key: they get PeerGone
         # when it leaves the region. An ordered set: dict keys, values unused.
         self.receivers: dict[Peer, None] = {}
+        # A newer connection of the key is on another worker of this node (derpbox.workers):
+        # "last writer is active" across workers, until one of ours speaks again.
+        self.superseded = False
 
     def __repr__(self) -> str:
         return f"<ClientSet conns={len(self.conns)} dup={self.senders is not None} fwd={len(self.forwarders)}>"
@@ -43,11 +46,20 @@ class ClientSet:
         if len(self.conns) == 2:
             self.senders = []
         self.active = peer
+        self.superseded = False
+
+    def supersede(self) -> None:
+        """Another worker has the key's newest connection: packets go there."""
+        if self.conns:
+            self.superseded = True
+            self.active = None
 
     def note_sender(self, peer: Peer) -> None:
         """A duplicate connection that speaks becomes the active one."""
+        self.superseded = False
         senders = self.senders
         if senders is None:
+            self.active = peer
             return
         if not senders or senders[-1] is not peer:
             if peer in senders:
@@ -67,9 +79,16 @@ class ClientSet:
             senders.remove(peer)
         if len(conns) == 1:
             self.senders = None
-            self.active = conns[0]
+            self.active = None if self.superseded else conns[0]
         elif self.active is peer:
             self.active = senders[-1] if senders else None
+
+    def reinstate(self) -> None:
+        """The other worker's connection of the key left: ours receive again."""
+        if self.superseded:
+            self.superseded = False
+            senders = self.senders
+            self.active = (senders[-1] if senders else None) if senders is not None else self.conns[0]
 
     @property
     def duplicated(self) -> bool:
@@ -89,6 +108,6 @@ class ClientSet:
             out.append(f"duplicate state of {name} disagrees with its {len(self.conns)} connections")
         if self.senders is not None and any(p not in self.conns for p in self.senders):
             out.append(f"a sender of {name} is not registered")
-        if len(self.conns) == 1 and self.active is not self.conns[0]:
+        if len(self.conns) == 1 and self.active is not self.conns[0] and not self.superseded:
             out.append(f"the only connection of {name} is not active")
         return out

@@ -129,8 +129,12 @@ class Relay:
     def note_activity(self, peer: Peer) -> None:
         """A duplicate connection that speaks becomes the active one (spec 1.8)."""
         record = self._clients.get(peer.key)
-        if record is not None and record.senders is not None:
+        if record is not None and (record.senders is not None or record.superseded):
+            was_superseded = record.superseded
             record.note_sender(peer)
+            if was_superseded:
+                # Ours spoke last: the other workers step back for it.
+                self._tell_workers(self._presence(peer))
 
     def unregister(self, peer: Peer) -> None:
         stats = self.stats
@@ -213,12 +217,13 @@ class Relay:
         """No active local connection for the destination: forward through the mesh, or drop."""
         stats = self.stats
         if record is not None:
-            if record.conns:
+            forwarder = _worker_forwarder(record) if record.superseded else None
+            if record.conns and forwarder is None:
                 # Duplicates of which none has spoken since the active one left.
                 stats.drop("dup_client", disco, size)
                 return
             stats.packets_forwarded_out += 1
-            record.forwarders[0].forward_packet(src.key, dst_key, payload[KEY_LEN:], disco)
+            (forwarder or record.forwarders[0]).forward_packet(src.key, dst_key, payload[KEY_LEN:], disco)
             return
         stats.drop("unknown_dest", disco, size)
         if disco and src.not_here_allowed():
@@ -266,6 +271,9 @@ class Relay:
         clients = self._clients
         record = clients.get(dst_key)
         dst = record.active if record is not None else None
+        if dst is None and record is not None and record.superseded and mesh_peer.is_worker:
+            # The other worker sent it before it learned ours spoke again: deliver, not bounce.
+            dst = record.conns[-1]
         if dst is None or dst.state != ACTIVE:
             if record is not None and len(record.conns) > 1:
                 stats.drop("dup_client", disco, len(packet))
@@ -298,6 +306,9 @@ class Relay:
         if record is None:
             record = self._clients[key] = ClientSet()
         forwarders = record.forwarders
+        if forwarder.is_worker:
+            # A newer connection on another worker: last writer is active across workers.
+            record.supersede()
         if forwarder in forwarders:
             return
         newly_on_node = forwarder.is_worker and not record.conns and not _on_another_worker(record)
@@ -319,11 +330,19 @@ class Relay:
         forwarders.remove(forwarder)
         if len(forwarders) == 1:
             self.stats.multiforwarder_deleted += 1
+        if forwarder.is_worker and not _on_another_worker(record):
+            record.reinstate()
         if forwarder.is_worker and not record.conns and not _on_another_worker(record) and not self._restarting:
             self._tell_other_nodes(peer_gone_frame(key, PeerGoneReason.DISCONNECTED))
         if not forwarders and not record.conns:
             del self._clients[key]
             self._gone_from_region(key, record)
+
+    def _tell_workers(self, frame: bytes) -> None:
+        """A mesh update for the other workers of this node only."""
+        for watcher in self._watchers:
+            if watcher.is_worker:
+                watcher.send_mesh_update(frame)
 
     def _tell_other_nodes(self, frame: bytes) -> None:
         """A mesh update for the watchers that are other nodes (not this node's workers)."""
