@@ -902,9 +902,10 @@ def _from_file(opt: Option, where: str, value: Any) -> Any:
 
 def _single_process_only(s) -> str:
     """What this version can only do in one process (derpbox.workers), or ""."""
-    if s.use_tls and s.certmode in ("letsencrypt", "gcp"):
-        # One process must order and renew the certificate.
-        return f"-certmode {s.certmode}"
+    if s.use_tls and s.certmode in ("letsencrypt", "gcp") and (s.http_port < 0 or s.acme_challenge == "tls-alpn-01"):
+        # One worker orders; the CA's validation may reach any of them, and only HTTP-01
+        # answers are shared between workers.
+        return f"-certmode {s.certmode} with TLS-ALPN-01 (no port 80)"
     return ""
 
 
@@ -919,7 +920,7 @@ def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
             raise ConfigError(f"{what} needs a mesh key: set {source}")
     if s.workers > 1 and _single_process_only(s):
         raise ConfigError(f"-workers {s.workers} with {_single_process_only(s)} is not supported yet: "
-                          "use -workers 1, or -certmode manual")
+                          "use -workers 1, or HTTP-01 on port 80")
     if not s.use_tls:
         return
     if not s.certdir:

@@ -29,7 +29,7 @@ from .mesh.spec import MeshPeerSpec
 from .metrics import Metrics
 from .relay.relay import Relay
 from .stun_server import STUNService, STUNStats
-from .tls.acme import AcmeCertificateSource, default_directory
+from .tls.acme import AcmeCertificateSource, AcmeFollower, default_directory
 from .tls.certs import CertificateError, CertifiedKey, ManualCertificateSource
 from .tls.context import ServerTLS
 from .tls.stats import TLSStats
@@ -121,9 +121,14 @@ def build_admission(settings: Settings, reactor) -> Admission | None:
         raise ConfigError(str(e)) from None
 
 
-def build_cert_source(settings: Settings, reactor):
-    """The certificate source for -certmode: files (manual) or an ACME CA (letsencrypt, gcp)."""
+def build_cert_source(settings: Settings, reactor, worker: WorkerContext | None = None):
+    """The certificate source for -certmode: files (manual) or an ACME CA (letsencrypt, gcp).
+
+    With workers, worker 0 alone orders and renews; the others follow its files."""
     if settings.certmode in ("letsencrypt", "gcp"):
+        shared = os.path.join(worker.mesh_dir, "acme-challenges") if worker is not None else None
+        if worker is not None and worker.index != 0:
+            return AcmeFollower(reactor, hostname=settings.hostname, certdir=settings.certdir, shared_challenges=shared)
         try:
             return AcmeCertificateSource(
                 reactor,
@@ -136,6 +141,7 @@ def build_cert_source(settings: Settings, reactor):
                 eab_key=settings.acme_eab_key,
                 challenge=settings.acme_challenge,
                 http01_available=settings.http_port >= 0,
+                shared_challenges=shared,
             )
         except ValueError as e:
             raise ConfigError(f"-certmode={settings.certmode}: {e}") from None
@@ -217,7 +223,7 @@ class DerpboxService(MultiService):
             admission=self.admission,
             worker_mesh_key=worker.mesh_key if worker is not None else None,
         )
-        self.cert_source = build_cert_source(settings, reactor) if settings.use_tls else None
+        self.cert_source = build_cert_source(settings, reactor, worker) if settings.use_tls else None
         self.mesh = self._mesh_service(private_key, serve.mesh_key)
         self.stun_stats = STUNStats()
         self.tls_stats = TLSStats() if settings.use_tls else None
@@ -240,7 +246,7 @@ class DerpboxService(MultiService):
             tls_stats=self.tls_stats,
         )
         self.tls = self._server_tls()
-        if isinstance(self.cert_source, AcmeCertificateSource):
+        if isinstance(self.cert_source, (AcmeCertificateSource, AcmeFollower)):
             # Obtains and renews in the background; STUN, port 80 and the relay's
             # other work never wait for it.
             self.cert_source.setServiceParent(self)

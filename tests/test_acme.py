@@ -20,13 +20,14 @@ from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from derpbox.tls.acme import (
     ACME_IDENTIFIER_OID,
     AcmeCertificateSource,
+    AcmeFollower,
     _decode_eab_key,
     default_directory,
     make_tls_alpn01_certificate,
@@ -35,6 +36,7 @@ from derpbox.tls.context import ServerTLS
 from derpbox.web.port80 import build_port80_site
 
 from . import support
+from .certs import make_cert
 from .pebble import Pebble
 
 HOST = "derp.test"
@@ -323,3 +325,22 @@ def test_acme_server_down_at_start_retries_until_up(tmp_path_factory, harness, l
         assert leaf.serial_number == src.current().leaf.serial_number
     finally:
         yield deferToThread(pb.close)
+
+
+def test_a_follower_serves_what_the_ordering_worker_wrote(tmp_path):
+    """The other workers of a node in an ACME mode: certificate and HTTP-01 answers from files."""
+    clock = Clock()
+    shared = tmp_path / "challenges"
+    follower = AcmeFollower(clock, hostname="derp.test", certdir=tmp_path / "certs", shared_challenges=shared)
+    follower.startService()
+    assert follower.current() is None  # nothing ordered yet
+    make_cert(tmp_path / "certs", "derp.test")
+    clock.advance(1)
+    assert follower.current() is not None
+    assert follower.current().leaf.subject.rfc4514_string() == "CN=derp.test"
+    shared.mkdir()
+    (shared / "tok3n").write_bytes(b"tok3n.keyauth")
+    assert follower.http01_response("tok3n") == b"tok3n.keyauth"
+    assert follower.http01_response("missing") is None
+    assert follower.http01_response("../certs/derp.test.key") is None
+    follower.stopService()

@@ -243,3 +243,24 @@ def test_duplicate_keys_on_two_workers_last_writer_wins(node):
     assert delivered_to(on_0, b"4") is older
     for c in (older, newer, on_0, on_1):
         c.close()
+
+
+def test_acme_with_two_workers_one_order_both_serve(node, pebble, tmp_path):
+    n = node(2, "-certmode", "letsencrypt", "-hostname", "derp.test", "-certdir", str(tmp_path / "acme"),
+             "-acme-directory", pebble.directory_url, "-acme-ca-file", str(pebble.ca_file),
+             "-http-port", str(pebble.http_port), "-acme-challenge", "http-01",
+             tls={"server_name": "derp.test"})
+    deadline = time.monotonic() + 60
+    while not all(n.vars(i)["derpbox_tls_certificate_not_after_seconds"] > 0 for i in range(2)):
+        assert time.monotonic() < deadline, f"not both workers got the certificate: {n.log_text()[-3000:]}"
+        time.sleep(0.2)
+    # Worker 0 ordered it, once; worker 1 only followed the files.
+    assert n.vars(0)["derpbox_acme_orders"] == 1
+    assert "derpbox_acme_orders" not in n.vars(1)
+    root = tmp_path / "pebble-root.pem"
+    root.write_bytes(pebble.root_pem())
+    n.tls["cafile"] = str(root)
+    for i in range(2):
+        client = n.connect_on(i)  # the chain verifies against Pebble's root on either worker
+        assert client.connected.tls_version == "TLSv1.3"
+        client.close()

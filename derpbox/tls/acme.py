@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
 from twisted.internet import defer, threads
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..counters import counter
@@ -188,6 +189,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
         eab_key: str = "",
         challenge: str = "auto",
         http01_available: bool = True,
+        shared_challenges: str | os.PathLike[str] | None = None,
         renew_fraction: float = 1 / 3,
         retry_min: float = 60.0,
         retry_max: float = 1800.0,
@@ -222,6 +224,9 @@ class AcmeCertificateSource(CertificateHolder, Service):
         self.crt_path, self.key_path = cert_paths(self.certdir, self.hostname)
         self.account_key_path = self.certdir / ACCOUNT_KEY_FILE
         self._http01: dict[str, bytes] = {}
+        # With workers (derpbox.workers): HTTP-01 answers also go here, for the worker that
+        # happens to take the CA's validation request.
+        self.shared_challenges = Path(shared_challenges) if shared_challenges else None
         self._tls_alpn: dict[str, CertifiedKey] = {}
         self._timer = None
         self._backoff = retry_min
@@ -364,7 +369,11 @@ class AcmeCertificateSource(CertificateHolder, Service):
         try:
             for typ, challb, key_authz in order.pending:
                 if typ == HTTP01:
-                    self._http01[challb.chall.encode("token")] = key_authz.encode("ascii")
+                    token = challb.chall.encode("token")
+                    self._http01[token] = key_authz.encode("ascii")
+                    if self.shared_challenges is not None:
+                        self.shared_challenges.mkdir(mode=0o700, exist_ok=True)
+                        write_atomically(self.shared_challenges / token, key_authz.encode("ascii"), 0o600)
                 else:
                     self._tls_alpn[self.hostname] = make_tls_alpn01_certificate(self.hostname, key_authz)
                 answered.append((typ, challb, key_authz))
@@ -380,7 +389,10 @@ class AcmeCertificateSource(CertificateHolder, Service):
         finally:
             for typ, challb, _ in answered:
                 if typ == HTTP01:
-                    self._http01.pop(challb.chall.encode("token"), None)
+                    token = challb.chall.encode("token")
+                    self._http01.pop(token, None)
+                    if self.shared_challenges is not None:
+                        (self.shared_challenges / token).unlink(missing_ok=True)
                 else:
                     self._tls_alpn.pop(self.hostname, None)
         return pem
@@ -546,3 +558,57 @@ def _describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, errors.Error):
         return "acme", f"{type(e).__name__}: {e}"
     return "other", f"{type(e).__name__}: {e}"
+
+
+class AcmeFollower(CertificateHolder, Service):
+    """What the other workers of a node serve in an ACME mode: the certificate one worker
+    orders and renews (read from ``-certdir`` when its files change), and that worker's
+    HTTP-01 answers (read from ``shared_challenges``). Serves nothing until the first
+    certificate exists."""
+
+    poll_interval = 1.0
+
+    def __init__(self, reactor, *, hostname: str, certdir: str | os.PathLike[str],
+                 shared_challenges: str | os.PathLike[str]) -> None:
+        CertificateHolder.__init__(self)
+        self.reactor = reactor
+        self.hostname = hostname
+        self.crt_path, self.key_path = cert_paths(certdir, hostname)
+        self.shared_challenges = Path(shared_challenges)
+        self._seen = None
+        self._loop = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = self.reactor
+        self._loop.start(self.poll_interval, now=True)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def poll(self) -> None:
+        try:
+            state = tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, (self.crt_path, self.key_path)))
+        except OSError:
+            return
+        if state == self._seen:
+            return
+        try:
+            ck = load_certified_key(self.crt_path, self.key_path, self.hostname)
+        except CertificateError:
+            # The ordering worker writes key then certificate: the pair settles on a later poll.
+            return
+        self._seen = state
+        self.publish(ck)
+        log.info("ACME: serving the certificate the ordering worker obtained for {hostname}", hostname=self.hostname)
+
+    def http01_response(self, token: str) -> bytes | None:
+        if "/" in token or token.startswith("."):
+            return None
+        try:
+            return (self.shared_challenges / token).read_bytes()
+        except OSError:
+            return None
