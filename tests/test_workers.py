@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import time
 import pytest
 from nacl.public import PrivateKey
 
+from derpbox.protocol import stun
 from derpbox.protocol.frames import FrameType
 from derpbox.workers.host import available_cpus
 
@@ -264,3 +266,37 @@ def test_acme_with_two_workers_one_order_both_serve(node, pebble, tmp_path):
         client = n.connect_on(i)  # the chain verifies against Pebble's root on either worker
         assert client.connected.tls_version == "TLSv1.3"
         client.close()
+
+
+def test_stun_is_answered_by_every_worker(node):
+    n = node(2)
+    port = int(re.search(r"stun0 (\d+)", n.log_text())[1])
+    txids = [os.urandom(12) for _ in range(24)]
+    for txid in txids:
+        # A socket (source port) per request: the kernel spreads them over the workers.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.sendto(stun.build_binding_request(txid), ("127.0.0.1", port))
+            assert stun.parse_binding_response(s.recv(100))[0] == txid
+    answered = [n.vars(i)["stun_requests"]["disposition=success"] for i in range(2)]
+    assert sum(answered) == 24 and min(answered) > 0
+
+
+def test_healthcheck_fails_for_a_worker_that_does_not_answer(node, tmp_path):
+    n = node(2)
+    pid = int(re.search(r"worker 1 started \(pid (\d+)\)", n.log_text())[1])
+    argv = ["-a", f"127.0.0.1:{n.port}", "-tls", "off", "-c", str(tmp_path / "derper.key"), "-stun=false",
+            "-workers", "2"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # The healthcheck's own connections land on either worker: until one reached worker 0,
+        # which then names worker 1.
+        for _ in range(10):
+            out = subprocess.run([sys.executable, "-m", "derpbox", "healthcheck", *argv], capture_output=True,
+                                 text=True, timeout=30)
+            if "worker 1:" in out.stdout:
+                break
+        assert "FAIL worker 1: not answering" in out.stdout and "ok   worker 0: up" in out.stdout, out.stdout
+        assert out.returncode == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -99,8 +99,9 @@ class Supervisor:
 
     def start(self) -> None:
         main = self._sockets[0][0][0].getsockname()
-        log.info("supervisor: {n} workers on {host}:{port}; their internal mesh sockets in {dir}",
-                 n=self.count, host=main[0], port=main[1], dir=self.mesh_dir)
+        ports = ", ".join(f"{name} {sock.getsockname()[1]}" for sock, name in self._sockets[0])
+        log.info("supervisor: {n} workers on {host}:{port} ({ports}); their internal mesh sockets in {dir}",
+                 n=self.count, host=main[0], port=main[1], ports=ports, dir=self.mesh_dir)
         for i in range(self.count):
             self._spawn(i)
 
