@@ -189,6 +189,7 @@ def test_compose_derpbox_service(path):
     settings = load_settings([], environ)
     assert settings.hostname == "derp.example.com"
     assert not settings.warnings
+    assert settings.workers == 0  # auto: every core the container may use
 
 
 def test_standalone_reads_dot_env():
