@@ -21,12 +21,14 @@ import threading
 import time
 
 import pytest
+from cryptography import x509
 from nacl.public import PrivateKey
 
 from derpbox.protocol import stun
 from derpbox.protocol.frames import FrameType
 from derpbox.workers.host import available_cpus
 
+from .certs import make_cert
 from .support import SteadyPair, unused_port
 from .tailcat import Tailcat, derp_map, needs_tailcat, transfer
 
@@ -109,14 +111,29 @@ def test_sigterm_tells_every_client_and_exits_zero(node):
     assert "every worker stopped" in n.log_text()
 
 
-def test_sighup_reaches_every_worker(node, tmp_path):
-    n = node(2, "-tls", "on", "-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(tmp_path / "certs"))
+def test_sighup_and_a_replaced_certificate_reach_every_worker(node, tmp_path):
+    certs = tmp_path / "certs"
+    n = node(2, "-certmode", "manual", "-hostname", "127.0.0.1", "-certdir", str(certs), tls={"cafile": None})
+    # One certificate for the node: the supervisor made it before the workers loaded it.
+    assert len(set(re.findall(r"sha256-raw:([0-9a-f]{64})", n.log_text()))) == 1
+    # Replace it (key first, then certificate, each atomically) and signal the supervisor.
+    _, new_crt, new_key = make_cert(tmp_path / "new", "127.0.0.1")
+    os.replace(new_key, certs / "127.0.0.1.key")
+    os.replace(new_crt, certs / "127.0.0.1.crt")
     n.proc.send_signal(signal.SIGHUP)
     for i in range(2):
         n.wait_for_log(rf"\[worker{i}\] SIGHUP received: reloading TLS certificates")
-    # One certificate for the node: the supervisor made it before the workers loaded it.
-    pins = set(re.findall(r"sha256-raw:([0-9a-f]{64})", n.log_text()))
-    assert len(pins) == 1
+    wanted = x509.load_pem_x509_certificate((certs / "127.0.0.1.crt").read_bytes()).serial_number
+    for i in range(2):
+        deadline = time.monotonic() + 10
+        while True:
+            client = n.connect_on(i)
+            served = client.connected.peer_chain[0].to_cryptography().serial_number
+            client.close()
+            if served == wanted:
+                break
+            assert time.monotonic() < deadline, f"worker {i} still serves the old certificate"
+            time.sleep(0.2)
 
 
 @pytest.mark.parametrize("cpu_max, expected", [
