@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Mapping, NamedTuple
 from urllib.parse import urlsplit
@@ -731,10 +731,6 @@ def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
     cert_names = dict(pair.split("=", 1) for pair in values["mesh_cert_names"])
     values["mesh_peers"] = mesh_spec.parse_entries(values["mesh_with"], cert_names)
     settings = Settings(warnings=tuple(warnings), **values)
-    why = _single_process_only(settings) if settings.workers == 0 else ""
-    if why:
-        settings = replace(settings, workers=1, warnings=settings.warnings + (
-            f"-workers auto runs one process: {why} is not supported with workers yet",))
     if not settings.version_requested:
         _check_consistency(settings, environ)
     return settings
@@ -900,15 +896,6 @@ def _from_file(opt: Option, where: str, value: Any) -> Any:
     return _parse(opt, opt.kind.parse, str(value), where, opt.kind.forms)
 
 
-def _single_process_only(s) -> str:
-    """What this version can only do in one process (derpbox.workers), or ""."""
-    if s.use_tls and s.certmode in ("letsencrypt", "gcp") and (s.http_port < 0 or s.acme_challenge == "tls-alpn-01"):
-        # One worker orders; the CA's validation may reach any of them, and only HTTP-01
-        # answers are shared between workers.
-        return f"-certmode {s.certmode} with TLS-ALPN-01 (no port 80)"
-    return ""
-
-
 def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
     """Cross-setting rules that derper enforces at start-up."""
     if s.mesh_with or s.mesh_peers_file:
@@ -918,9 +905,6 @@ def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
                 "-mesh-key (DERP_MESH_KEY), -mesh-psk-file (DERP_MESH_PSK_FILE) or -secrets-url (DERP_SECRETS_URL)")
             what = "-mesh-with (DERP_MESH_WITH)" if s.mesh_with else "-mesh-peers-file (DERP_MESH_PEERS_FILE)"
             raise ConfigError(f"{what} needs a mesh key: set {source}")
-    if s.workers > 1 and _single_process_only(s):
-        raise ConfigError(f"-workers {s.workers} with {_single_process_only(s)} is not supported yet: "
-                          "use -workers 1, or HTTP-01 on port 80")
     if not s.use_tls:
         return
     if not s.certdir:

@@ -25,9 +25,11 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from derpbox.tls.acme import (
+    _ALPN_FILE,
     ACME_IDENTIFIER_OID,
     AcmeCertificateSource,
     AcmeFollower,
+    _pem,
     _decode_eab_key,
     default_directory,
     make_tls_alpn01_certificate,
@@ -343,4 +345,11 @@ def test_a_follower_serves_what_the_ordering_worker_wrote(tmp_path):
     assert follower.http01_response("tok3n") == b"tok3n.keyauth"
     assert follower.http01_response("missing") is None
     assert follower.http01_response("../certs/derp.test.key") is None
+    # The ordering worker's TLS-ALPN-01 certificate, for the name it is for only.
+    assert follower.tls_alpn_certificate("derp.test") is None
+    alpn = make_tls_alpn01_certificate("derp.test", "tok3n.keyauth")
+    (shared / _ALPN_FILE).write_bytes(_pem(alpn))
+    served = follower.tls_alpn_certificate("DERP.test.")
+    assert served.leaf == alpn.leaf and served.key.private_numbers() == alpn.key.private_numbers()
+    assert follower.tls_alpn_certificate("other.test") is None
     follower.stopService()

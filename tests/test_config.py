@@ -368,21 +368,9 @@ def test_workers_env_name():
     assert load(env={"DERP_WORKERS": "3", "DERP_CERT_MODE": "manual"}).workers == 3
 
 
-def test_workers_auto_is_one_process_where_workers_are_not_supported_yet():
-    # Let's Encrypt on :443 with port 80 off: only TLS-ALPN-01, which workers cannot share yet.
-    settings = load(["-c", "/k", "-workers", "auto", "-hostname", "derp.example.com", "-http-port", "-1"])
-    assert settings.workers == 1
-    assert any("-workers auto runs one process: -certmode letsencrypt with TLS-ALPN-01" in w
-               for w in settings.warnings)
-    # With port 80 (HTTP-01), Let's Encrypt and workers go together.
-    assert load(["-c", "/k", "-workers", "auto", "-hostname", "derp.example.com"]).workers == 0
-
-
 @pytest.mark.parametrize("flags, message", [
     (["-workers", "0"], "between 1 and 1024"),
     (["-workers", "many"], "-workers"),
-    (["-workers", "2", "-certmode", "letsencrypt", "-hostname", "derp.example.com", "-acme-challenge",
-      "tls-alpn-01"], "not supported yet"),
 ])
 def test_bad_workers(flags, message):
     with pytest.raises(ConfigError, match=message):

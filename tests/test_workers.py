@@ -317,3 +317,15 @@ def test_healthcheck_fails_for_a_worker_that_does_not_answer(node, tmp_path):
         assert out.returncode == 1
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_acme_tls_alpn_with_two_workers_and_port_80_off(node, pebble, tmp_path):
+    # Pebble's validator dials its tlsPort, where both workers listen; either may take it.
+    n = node(2, "-certmode", "letsencrypt", "-hostname", "derp.test", "-certdir", str(tmp_path / "acme"),
+             "-acme-directory", pebble.directory_url, "-acme-ca-file", str(pebble.ca_file),
+             "-http-port", "-1", port=pebble.tls_port, tls={"server_name": "derp.test"})
+    deadline = time.monotonic() + 60
+    while not all(n.vars(i)["derpbox_tls_certificate_not_after_seconds"] > 0 for i in range(2)):
+        assert time.monotonic() < deadline, f"not both workers got the certificate: {n.log_text()[-3000:]}"
+        time.sleep(0.2)
+    assert n.vars(0)["derpbox_acme_issued"] == 1

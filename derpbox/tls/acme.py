@@ -161,6 +161,15 @@ def make_tls_alpn01_certificate(domain: str, key_authorization: str) -> Certifie
     return CertifiedKey(chain=(cert,), key=key)
 
 
+# The ordering worker's TLS-ALPN-01 certificate and key (PEM), for the other workers.
+_ALPN_FILE = "tls-alpn-01.pem"
+
+
+def _pem(ck: CertifiedKey) -> bytes:
+    return ck.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()) + ck.leaf.public_bytes(serialization.Encoding.PEM)
+
+
 def _decode_eab_key(value: str) -> str:
     """The EAB HMAC key as unpadded base64url (the form josepy decodes); accepts std base64 too."""
     text = value.strip().replace("+", "-").replace("/", "_").rstrip("=")
@@ -375,7 +384,11 @@ class AcmeCertificateSource(CertificateHolder, Service):
                         self.shared_challenges.mkdir(mode=0o700, exist_ok=True)
                         write_atomically(self.shared_challenges / token, key_authz.encode("ascii"), 0o600)
                 else:
-                    self._tls_alpn[self.hostname] = make_tls_alpn01_certificate(self.hostname, key_authz)
+                    alpn = make_tls_alpn01_certificate(self.hostname, key_authz)
+                    self._tls_alpn[self.hostname] = alpn
+                    if self.shared_challenges is not None:
+                        self.shared_challenges.mkdir(mode=0o700, exist_ok=True)
+                        write_atomically(self.shared_challenges / _ALPN_FILE, _pem(alpn), 0o600)
                 answered.append((typ, challb, key_authz))
             if answered:
                 log.info(
@@ -395,6 +408,8 @@ class AcmeCertificateSource(CertificateHolder, Service):
                         (self.shared_challenges / token).unlink(missing_ok=True)
                 else:
                     self._tls_alpn.pop(self.hostname, None)
+                    if self.shared_challenges is not None:
+                        (self.shared_challenges / _ALPN_FILE).unlink(missing_ok=True)
         return pem
 
     # Runs in a worker thread.
@@ -612,3 +627,14 @@ class AcmeFollower(CertificateHolder, Service):
             return (self.shared_challenges / token).read_bytes()
         except OSError:
             return None
+
+    def tls_alpn_certificate(self, server_name: str) -> CertifiedKey | None:
+        """The ordering worker's TLS-ALPN-01 certificate, while it has one for our name."""
+        if server_name.rstrip(".").lower() != self.hostname.lower():
+            return None
+        try:
+            pem = (self.shared_challenges / _ALPN_FILE).read_bytes()
+        except OSError:
+            return None
+        return CertifiedKey(chain=(x509.load_pem_x509_certificate(pem),),
+                            key=serialization.load_pem_private_key(pem, None))
