@@ -186,6 +186,9 @@ def test_one_scrape_shows_the_node_totals(node):
         assert _sample(text, "derp_packets_sent") == 12
         assert _sample(text, "derp_packets_forwarded_out") == 7
         assert 'derpbox_workers_up{worker="0"} 1' in text and 'derpbox_workers_up{worker="1"} 1' in text
+        # Three clients on the node; the workers' links to each other are not clients.
+        assert _sample(text, "derp_clients_local") == 3 and _sample(text, "derp_clients_total") == 3
+        assert _sample(text, "derp_clients_remote") == 0
     # Each worker alone (as the others ask it) tells its own part.
     parts = [n.vars(i) for i in range(2)]
     assert sorted(p["derp_packets_received"] for p in parts) == [0, 12]

@@ -401,12 +401,15 @@ class Relay:
         return list(record.forwarders) if record is not None else []
 
     def client_counts(self) -> tuple[int, int]:
-        """(keys connected here, keys reachable only through mesh peers)."""
+        """(keys connected here, keys reachable only through other nodes), as derper counts
+        them: other nodes' mesh links are clients too. This node's other workers, their links
+        and their clients are left out: the node's view adds up the workers."""
         local = remote = 0
         for record in self._clients.values():
             if record.conns:
-                local += 1
-            else:
+                if not all(peer.is_worker for peer in record.conns):
+                    local += 1
+            elif not all(forwarder.is_worker for forwarder in record.forwarders):
                 remote += 1
         return local, remote
 

@@ -22,8 +22,9 @@ from .context import WorkerContext
 WORKER_SCOPE = b"worker"
 # A live worker answers in milliseconds; a stopped one must not hold a healthcheck (1 s) up.
 FETCH_TIMEOUT = 0.5
-# Families that are not sums over the workers: how the node's figure is made.
-_COMBINE = {"process_start_unix_time": min, "uptime_sec": max, "version": max}
+# Families that are not sums over the workers: how the node's figure is made. Every worker
+# dials the node's mesh peers itself, so each learns the same remote keys.
+_COMBINE = {"process_start_unix_time": min, "uptime_sec": max, "version": max, "derp_clients_remote": max}
 
 
 @implementer(IAgentEndpointFactory)
@@ -62,6 +63,9 @@ class NodeView:
         answers = yield defer.gatherResults([self._get(i, "/debug/vars") for i in self._others()])
         others = {i: json.loads(body) for i, (status, body) in zip(self._others(), answers) if status == 200}
         merged = [_merge(fam, list(others.values())) for fam in own]
+        by_name = {fam.name: fam for fam in merged}
+        total = by_name["derp_clients_total"]
+        total.samples[0] = ((), _value(merged, "derp_clients_local") + _value(merged, "derp_clients_remote"), "")
         up = Family("derpbox_workers_up", "gauge", "Workers of this node that answered this scrape, by worker.")
         per_worker = Family("derpbox_worker_current_connections", "gauge",
                             "Connections on each worker, its links to the other workers included.")
