@@ -29,7 +29,7 @@ _CHALLENGE = "ts_healthcheck"
 
 def healthcheck(settings, timeout: float = 1.0) -> list[Result]:
     local = LocalInstance(settings, timeout)
-    results = [line for r in run_checks(local.checks(), deadline=max(1.5, timeout + 0.5)) for line in _per_peer(r)]
+    results = [line for r in run_checks(local.checks(), deadline=max(1.5, timeout + 0.5)) for line in _one_line_each(r)]
     if local.key_problem and not local.verifying and settings.key_path:
         results.append(Result("key", WARN, local.key_problem))
     return results
@@ -180,8 +180,8 @@ class LocalInstance:
         return Result(f"admission {_redact(url)}", OK, f"reachable (HTTP {status})")
 
 
-def _per_peer(result: Result) -> list[Result]:
-    """The mesh and workers checks as one line per peer or worker."""
+def _one_line_each(result: Result) -> list[Result]:
+    """A check's result as printed: the mesh and workers checks give a line per peer or worker."""
     if result.name == "workers" and "workers" in result.data:
         return [Result(f"worker {w['worker']}", OK, f"up, {w['connections']} connections") if w["up"]
                 else Result(f"worker {w['worker']}", FAIL, "not answering (restarting, or stuck)")

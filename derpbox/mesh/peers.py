@@ -135,9 +135,12 @@ class MeshPeer:
         if self.state in (STOPPED, SELF) or self._redial is not None:
             return
         self.state = DOWN
-        interval = WORKER_RETRY_INTERVAL if self.spec.unix_path else RETRY_INTERVAL
-        self._redial = self.clock.callLater(interval + random.random() * RETRY_JITTER * interval / RETRY_INTERVAL,
-                                            self._dial)
+        base = self._retry_interval()
+        # Jitter in proportion, so a region (or a node's workers) does not redial in lockstep.
+        self._redial = self.clock.callLater(base * (1 + random.random() * RETRY_JITTER / RETRY_INTERVAL), self._dial)
+
+    def _retry_interval(self) -> float:
+        return WORKER_RETRY_INTERVAL if self.is_worker else RETRY_INTERVAL
 
     # -- what the link reports ------------------------------------------------
 
@@ -189,8 +192,7 @@ class MeshPeer:
         self.last_error = reason
         self.stats.failures[self.name] += 1
         self.noise.warn(f"{self.name}:{reason}", "mesh({peer}): {reason}; retrying in about {t:g} s",
-                        peer=self.name, reason=reason,
-                        t=WORKER_RETRY_INTERVAL if self.spec.unix_path else RETRY_INTERVAL)
+                        peer=self.name, reason=reason, t=self._retry_interval())
         self._schedule_redial()
 
     # -- the keys the peer announced -----------------------------------------

@@ -51,7 +51,7 @@ def _worker_forwarder(record: ClientSet):
 
 
 def _on_another_worker(record: ClientSet) -> bool:
-    return any(f.is_worker for f in record.forwarders)
+    return _worker_forwarder(record) is not None
 
 
 class Relay:

@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 from ..metrics import CONTENT_TYPE, Metrics, render, vars_of
 from ..netaddr import in_networks, ip_version, parse_ip, remote_address
 from ..workers.view import WORKER_SCOPE
-from .endpoints import BROWSER_HEADERS, http_error, reply, reply_later
+from .endpoints import BROWSER_HEADERS, error_body, http_error, reply, reply_later
 from .proxied import came_via_proxy
 
 __all__ = ["DEBUG_CSP", "DebugResource", "debug_allowed", "ip_debug_allowed", "request_remote_ip"]
@@ -199,8 +199,8 @@ class DebugResource(Resource):
     def _check(self, request: server.Request) -> bytes:
         if _whole_node(request, self.node_view):
             return reply_later(request, self.node_view.problems(self.consistency()).addCallback(
-                lambda problems: _check_answer(request, problems)))
-        return _check_answer(request, self.consistency())
+                lambda problems: _check_body(request, problems)))
+        return reply(request, _check_body(request, self.consistency()))
 
 
 def _whole_node(request: server.Request, node_view) -> bool:
@@ -212,11 +212,10 @@ def _json_vars(families) -> bytes:
     return json.dumps(vars_of(families), indent=1).encode() + b"\n"
 
 
-def _check_answer(request: server.Request, problems: list[str]) -> bytes:
+def _check_body(request: server.Request, problems: list[str]) -> bytes:
+    """/debug/check's status, headers and body (reply() or reply_later() sends it)."""
     if problems:
-        request.setResponseCode(http.INTERNAL_SERVER_ERROR)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return "\n".join(problems).encode() + b"\n"
+        return error_body(request, http.INTERNAL_SERVER_ERROR, "\n".join(problems))
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return b"derp.Server ConsistencyCheck okay"
 

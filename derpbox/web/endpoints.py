@@ -74,10 +74,15 @@ def reply_later(request: server.Request, body: defer.Deferred) -> int:
 
 def http_error(request: server.Request, code: int, message: str) -> bytes:
     """Plain-text error shaped like Go's http.Error, which clients may match on."""
+    return reply(request, error_body(request, code, message))
+
+
+def error_body(request: server.Request, code: int, message: str) -> bytes:
+    """http_error's status, headers and body, for a body that is sent later (reply_later)."""
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
-    return reply(request, message.encode() + b"\n")
+    return message.encode() + b"\n"
 
 
 class _Request(server.Request):
