@@ -102,7 +102,7 @@ def load_server_key(settings: Settings) -> PrivateKey:
     return load_or_create_key(settings.key_path)
 
 
-def build_admission(settings: Settings, reactor) -> Admission | None:
+def build_admission(settings: Settings, reactor, worker: WorkerContext | None = None) -> Admission | None:
     """Client verification, when any check is configured (issue: only your tailnet)."""
     if not (settings.verify_clients or settings.verify_client_urls or settings.verify_allowlist_file):
         return None
@@ -115,6 +115,7 @@ def build_admission(settings: Settings, reactor) -> Admission | None:
             fail_open=settings.verify_client_url_fail_open,
             allowlist_file=settings.verify_allowlist_file,
             cache_ttl=settings.verify_cache_ttl,
+            cache_dir=os.path.join(worker.mesh_dir, "admission-cache") if worker is not None else None,
         )
     except ValueError as e:
         # The allowlist file is read at start: a bad one stops start-up like a bad setting.
@@ -212,7 +213,7 @@ class DerpboxService(MultiService):
         self.worker = worker
         self.node_view = NodeView(reactor, worker) if worker is not None else None
         serve = load_serve_settings(settings, environ)
-        self.admission = build_admission(settings, reactor)
+        self.admission = build_admission(settings, reactor, worker)
         private_key = load_server_key(settings)
         self.relay = Relay(
             private_key,

@@ -796,6 +796,71 @@ def test_allowlist_reload_clears_cache(tmp_path):
     assert not (yield adm.check(A, "192.0.2.1")).allow
 
 
+@pytest_twisted.inlineCallbacks
+def test_workers_share_the_cache_through_its_directory(headscale, tmp_path):
+    """Two workers' gates on one directory: a decision made by one is a hit for the other."""
+    fake = headscale()
+    shared = str(tmp_path / "admission-cache")
+    one, two = (admission(urls=(fake.url,), cache_ttl=60, cache_dir=shared) for _ in range(2))
+    assert (yield one.check(A, "192.0.2.1")).allow
+    assert not (yield one.check(B, "192.0.2.1")).allow
+    allowed, denied = (yield two.check(A, "192.0.2.9")), (yield two.check(B, "192.0.2.9"))
+    assert allowed.allow and allowed.reason.endswith("(cached)")
+    assert not denied.allow and denied.reason.endswith("(cached)")
+    assert len(fake.requests) == 2
+    assert (two.stats.cache_hits, two.stats.cache_misses) == (2, 0)
+    assert sorted(os.listdir(shared)) == sorted([A.hex(), B.hex()])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_shared_entry_expires_and_a_torn_one_is_asked_again(headscale, tmp_path):
+    fake = headscale()
+    shared = tmp_path / "admission-cache"
+    one, two = (admission(urls=(fake.url,), cache_ttl=0.3, cache_dir=str(shared)) for _ in range(2))
+    yield one.check(A, "192.0.2.1")
+    yield sleep(0.4)
+    assert "(cached)" not in (yield two.check(A, "192.0.2.1")).reason
+    (shared / B.hex()).write_text('{"expires": ')
+    assert "(cached)" not in (yield two.check(B, "192.0.2.1")).reason
+    assert len(fake.requests) == 3
+
+
+def test_the_shared_directory_is_swept_and_bounded(tmp_path):
+    from derpbox.admission.cache import DecisionCache
+    from derpbox.admission.decision import Verdict
+
+    now = time.time()
+    clock = task.Clock()
+    clock.advance(now - 95)  # the first sweep is due 5 s from now
+    cache = DecisionCache(clock, ttl=100, max_entries=3, directory=str(tmp_path))
+    allow = Verdict(True, "url", "listed", "allow")
+
+    def key(i):
+        return bytes([i]) * 32
+
+    for i in range(9):
+        cache.put(key(i), allow)
+        written = now - 200 if i < 3 else now - 10 + i  # 0-2 expired, then oldest first
+        os.utime(tmp_path / key(i).hex(), (written, written))
+    clock.advance(100)
+    cache.put(key(9), allow)  # sweeps: 0-2 expired, and of the 7 live the newest 3 stay
+    assert sorted(os.listdir(tmp_path)) == sorted(key(i).hex() for i in (7, 8, 9))
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_allowlist_change_clears_the_shared_cache(tmp_path):
+    path = tmp_path / "nodes.json"
+    write_list(path, [nk(A)])
+    shared = str(tmp_path / "admission-cache")
+    one, two = (admission(allowlist_file=str(path), cache_ttl=60, cache_dir=shared) for _ in range(2))
+    assert (yield one.check(A, "192.0.2.1")).allow
+    write_list(path, [])
+    yield one.reload()
+    assert os.listdir(shared) == []  # the other worker's gate will not find the old answer
+    yield two.reload()  # each worker's gate reads the list itself (within a second, unprompted)
+    assert not (yield two.check(A, "192.0.2.1")).allow
+
+
 # -- robustness and logging ---------------------------------------------------------------
 
 

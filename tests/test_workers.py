@@ -267,6 +267,27 @@ def test_duplicate_keys_on_two_workers_last_writer_wins(node):
         c.close()
 
 
+def test_an_admission_decision_made_on_one_worker_is_a_hit_on_the_other(node, tmp_path):
+    key = PrivateKey.generate()
+    allowlist = tmp_path / "nodes.json"
+    allowlist.write_text(json.dumps(["nodekey:" + key.public_key.encode().hex()]))
+    n = node(2, "-verify-allowlist-file", str(allowlist), "-verify-cache-ttl", "5m")
+    first = other = None
+    for _ in range(60):
+        c, worker = n.connect(key)
+        c.close()
+        if first is None:
+            first = worker  # this worker asks the allowlist
+        elif worker != first:
+            other = worker
+            break
+    assert other is not None, "the key never landed on the second worker"
+    # The second worker never had to decide: the first one's decision was in the shared cache.
+    assert n.vars(first)["derpbox_admission_cache_misses"] == 1
+    assert n.vars(other)["derpbox_admission_cache_misses"] == 0
+    assert n.vars(other)["derpbox_admission_cache_hits"] >= 1
+
+
 def test_acme_with_two_workers_one_order_both_serve(node, pebble, tmp_path):
     n = node(2, "-certmode", "letsencrypt", "-hostname", "derp.test", "-certdir", str(tmp_path / "acme"),
              "-acme-directory", pebble.directory_url, "-acme-ca-file", str(pebble.ca_file),

@@ -39,6 +39,7 @@ class Admission:
         fail_open: bool,
         allowlist_file: str = "",
         cache_ttl: float = 0.0,
+        cache_dir: str | None = None,
         stats: AdmissionStats | None = None,
         # Below: for tests and special setups; the defaults are derper's.
         tailscaled_timeout: float = _tailscaled.DEFAULT_TIMEOUT,
@@ -66,7 +67,8 @@ class Admission:
             else None
         )
         self.fail_open = fail_open
-        self.cache = DecisionCache(reactor, cache_ttl) if cache_ttl > 0 else None
+        # cache_dir: shared with the node's other workers (derpbox.workers).
+        self.cache = DecisionCache(reactor, cache_ttl, directory=cache_dir) if cache_ttl > 0 else None
         # Raises AllowlistError (a ValueError naming the file) if the file is unusable at start.
         self.allowlist = (
             Allowlist(
@@ -230,8 +232,9 @@ class Admission:
         if self.cache is not None:
             lines.append((
                 True,
-                f"admission decisions are cached for {self.cache.ttl:g} s per node key "
-                "(fail-open admits and backend errors are not cached)",
+                f"admission decisions are cached for {self.cache.ttl:g} s per node key"
+                + (", shared by the node's workers" if self.cache.directory else "")
+                + " (fail-open admits and backend errors are not cached)",
             ))
         for healthy, line in lines:
             if healthy:
