@@ -273,7 +273,8 @@ class DerpboxService(MultiService):
         listener = ListenerService(UNIXServerEndpoint(self.reactor, path, mode=0o600), self.front,
                                    f"worker {worker.index} internal mesh")
         listener.setServiceParent(self)
-        peers = tuple(MeshPeerSpec(f"worker{j}", "localhost", 0, "localhost", unix_path=worker.mesh_path(j))
+        peers = tuple(MeshPeerSpec(f"worker{j}", "localhost", 0, "localhost", unix_path=worker.mesh_path(j),
+                                    precedes=j < worker.index)
                       for j in range(worker.count) if j != worker.index)
         # Its own client key: the workers' links must not look like the node's own connections.
         mesh = MeshService(self.relay, PrivateKey.generate(), worker.mesh_key, self.reactor, specs=peers)

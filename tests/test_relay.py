@@ -566,6 +566,10 @@ def test_a_closed_receiver_is_not_kept_by_the_sender_record(relay):
 class WorkerForwarder(RecordingForwarder):
     is_worker = True
 
+    def __init__(self, name, precedes=False):
+        super().__init__(name)
+        self.precedes = precedes  # a lower-numbered worker than the relay's own
+
 
 def test_other_nodes_see_one_node_across_workers():
     mesh_key, worker_key = bytes(range(32)), bytes(range(1, 33))
@@ -597,3 +601,59 @@ def test_other_nodes_see_one_node_across_workers():
     other_worker.feed(F.forward_packet_frame(bytes(32), on_worker, b"no loop"))
     assert len(fwd.forwarded) == 1
     assert relay.stats.dropped_packets[("unknown_dest_on_fwd", "other")] == 1
+
+
+def test_a_workers_link_that_comes_up_announces_connections_as_older():
+    worker_key = bytes(range(1, 33))
+    relay = Relay(PrivateKey.generate(), Clock(), worker_mesh_key=worker_key)
+    key = PrivateKey.generate()
+    connect(relay, key)
+    other_worker, c_worker, _ = connect(relay, info={"meshKey": worker_key.hex()})
+    other_worker.feed(F.WATCH_CONNS_FRAME)
+    relay.flush()
+    flags = {F.parse_peer_present(p)[0]: F.parse_peer_present(p)[3] for _, p in c_worker.take(FrameType.PEER_PRESENT)}
+    assert flags[pub(key)] == F.PeerPresentFlags.IS_REGULAR | F.PRESENT_BEFORE_LINK
+    # A later connection is announced as new.
+    later = PrivateKey.generate()
+    connect(relay, later)
+    relay.flush()
+    (_, payload), = c_worker.take(FrameType.PEER_PRESENT)
+    assert F.parse_peer_present(payload)[3] == F.PeerPresentFlags.IS_REGULAR
+
+
+@pytest.mark.parametrize("precedes", [False, True])
+def test_duplicates_from_before_the_workers_link_keep_one_active(precedes):
+    """Both workers had the key before their link came up: neither connection is known to be
+    newer, so the lower-numbered worker keeps its own and the other steps back, until one
+    speaks. Exactly one worker counts the key."""
+    relay = Relay(PrivateKey.generate(), Clock(), worker_mesh_key=bytes(range(1, 33)))
+    key = PrivateKey.generate()
+    mine, c_mine, _ = connect(relay, key)
+    sender, _, k_sender = connect(relay)
+    other = WorkerForwarder("worker", precedes=precedes)
+    relay.add_forwarder(pub(key), other, before_link=True)
+    send(sender, pub(key), b"which one?")
+    if precedes:
+        assert other.forwarded == [(pub(k_sender), pub(key), b"which one?", False)] and c_mine.take() == []
+        assert relay.client_counts() == (1, 0)  # the sender; the key is the other worker's to count
+    else:
+        assert c_mine.take() == [(FrameType.RECV_PACKET, pub(k_sender) + b"which one?")] and other.forwarded == []
+        assert relay.client_counts() == (2, 0)
+    # A connection the other worker announces later is newer, whatever the order of the workers.
+    relay.add_forwarder(pub(key), other)
+    send(sender, pub(key), b"newest")
+    assert other.forwarded[-1][2] == b"newest" and relay.client_counts() == (1, 0)
+    # Ours speaks: it is the last writer again, and counted here.
+    send(mine, pub(k_sender), b"me again")
+    send(sender, pub(key), b"back to you")
+    assert c_mine.take(FrameType.RECV_PACKET)[-1] == (FrameType.RECV_PACKET, pub(k_sender) + b"back to you")
+    assert relay.client_counts() == (2, 0) and relay.check_consistency() == []
+
+
+def test_a_key_on_another_worker_and_another_node_is_not_remote():
+    relay = Relay(PrivateKey.generate(), Clock(), mesh_key=bytes(range(32)), worker_mesh_key=bytes(range(1, 33)))
+    key = pub(PrivateKey.generate())
+    relay.add_forwarder(key, RecordingForwarder("another node"))
+    assert relay.client_counts() == (0, 1)
+    relay.add_forwarder(key, WorkerForwarder("worker1"))
+    assert relay.client_counts() == (0, 0)  # the other worker counts it as the node's own

@@ -256,6 +256,8 @@ def test_duplicate_keys_on_two_workers_last_writer_wins(node):
 
     # The newest connection receives, from either worker's clients.
     assert delivered_to(on_0, b"1") is newer and delivered_to(on_1, b"2") is newer
+    # Three distinct keys on the node: the key on two workers is counted once.
+    assert _sample(_get(n.port, "/debug/varz")[1], "derp_clients_local") == 3
     # The older one speaks: it is the last writer now, on both workers.
     older.send_packet(on_0.public_key, b"I am back")
     assert on_0.recv_packet() == (key.public_key.encode(), b"I am back")
@@ -263,6 +265,7 @@ def test_duplicate_keys_on_two_workers_last_writer_wins(node):
     while delivered_to(on_1, b"3") is not older:
         assert time.monotonic() < deadline, "the other worker kept the newer connection"
     assert delivered_to(on_0, b"4") is older
+    assert _sample(_get(n.port, "/debug/varz")[1], "derp_clients_local") == 3
     for c in (older, newer, on_0, on_1):
         c.close()
 

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from ..counters import counter, gauge
 from ..logs import LogThrottle
-from ..protocol.frames import PeerGoneReason, PeerPresentFlags
+from ..protocol.frames import PRESENT_BEFORE_LINK, PeerGoneReason, PeerPresentFlags
 from ..relay.relay import Relay
 from ..tls.client import VerifiedClientTLS
 from .link import MeshLink
@@ -204,7 +204,11 @@ class MeshPeer:
         if key not in self.keys:
             self.keys.add(key)
             self.stats.keys[self.name] = len(self.keys)
-        self.relay.add_forwarder(key, self)
+        self.relay.add_forwarder(key, self, before_link=bool(self.is_worker and flags and flags & PRESENT_BEFORE_LINK))
+
+    @property
+    def precedes(self) -> bool:
+        return self.spec.precedes
 
     def gone(self, key: bytes, reason: int) -> None:
         if reason == PeerGoneReason.NOT_HERE:

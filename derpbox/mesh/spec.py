@@ -33,6 +33,9 @@ class MeshPeerSpec:
     cert_name: str = ""
     # A worker of this node, reached over its unix socket without TLS (derpbox.workers).
     unix_path: str = ""
+    # That worker has a lower index than this one: of two connections of one key that were
+    # both there before the workers' link came up, its connection is the one kept.
+    precedes: bool = False
 
     @property
     def url(self) -> str:

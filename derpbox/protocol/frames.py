@@ -57,6 +57,11 @@ class PeerPresentFlags(IntEnum):
     NOT_IDEAL = 0x08
 
 
+# derpbox's own PeerPresent flag, sent only between the workers of one node: the connection
+# was there before the link came up (the WatchConns dump), so it is not known to be newer.
+PRESENT_BEFORE_LINK = 0x80
+
+
 class FrameError(ValueError):
     """A frame violates the protocol; the connection that sent it must close."""
 

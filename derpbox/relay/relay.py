@@ -23,6 +23,7 @@ from ..protocol.frames import (
     DISCO_MAGIC,
     DISCO_MIN_LEN,
     KEY_LEN,
+    PRESENT_BEFORE_LINK,
     RECV_HEADER,
     FrameType,
     PeerGoneReason,
@@ -300,14 +301,18 @@ class Relay:
 
     # -- forwarders: keys reachable through mesh peers ----------------------
 
-    def add_forwarder(self, key: bytes, forwarder) -> None:
-        """A mesh peer announced ``key`` (PeerPresent); the first one to announce it is used."""
+    def add_forwarder(self, key: bytes, forwarder, before_link: bool = False) -> None:
+        """A mesh peer announced ``key`` (PeerPresent); the first one to announce it is used.
+
+        From another worker, the announcement is of a newer connection (last writer is active
+        across workers), unless it was there before the workers' link came up: then neither is
+        known to be newer, and the lower-numbered worker keeps its connection until one speaks.
+        """
         record = self._clients.get(key)
         if record is None:
             record = self._clients[key] = ClientSet()
         forwarders = record.forwarders
-        if forwarder.is_worker:
-            # A newer connection on another worker: last writer is active across workers.
+        if forwarder.is_worker and (not before_link or forwarder.precedes):
             record.supersede()
         if forwarder in forwarders:
             return
@@ -355,9 +360,10 @@ class Relay:
             return
         self._watchers.append(peer)
         self.stats.watchers += 1
+        before_link = PRESENT_BEFORE_LINK if peer.is_worker else 0
         for key, record in self._clients.items():
             if record.active is not None:
-                peer.send_mesh_update(self._presence(record.active))
+                peer.send_mesh_update(self._presence(record.active, before_link))
             elif not peer.is_worker and not record.conns and _on_another_worker(record):
                 peer.send_mesh_update(peer_present_frame(key, bytes(16), 0, PeerPresentFlags.IS_REGULAR))
 
@@ -368,7 +374,7 @@ class Relay:
                 watcher.send_mesh_update(frame)
 
     @staticmethod
-    def _presence(peer: Peer) -> bytes:
+    def _presence(peer: Peer, extra_flags: int = 0) -> bytes:
         flags = 0
         if peer.is_mesh:
             flags |= PeerPresentFlags.IS_MESH_PEER
@@ -376,7 +382,8 @@ class Relay:
             flags |= PeerPresentFlags.IS_PROBER
         if peer.not_ideal:
             flags |= PeerPresentFlags.NOT_IDEAL
-        return peer_present_frame(peer.key, ip16(peer.remote[0]), peer.remote[1], flags or PeerPresentFlags.IS_REGULAR)
+        return peer_present_frame(peer.key, ip16(peer.remote[0]), peer.remote[1],
+                                  (flags or PeerPresentFlags.IS_REGULAR) | extra_flags)
 
     def _close_peer(self, key: bytes) -> None:
         record = self._clients.get(key)
@@ -403,13 +410,14 @@ class Relay:
     def client_counts(self) -> tuple[int, int]:
         """(keys connected here, keys reachable only through other nodes), as derper counts
         them: other nodes' mesh links are clients too. This node's other workers, their links
-        and their clients are left out: the node's view adds up the workers."""
+        and their clients are left out: the node's view adds up the workers, so a key connected
+        to two workers is counted by the one whose connection is active (not superseded)."""
         local = remote = 0
         for record in self._clients.values():
             if record.conns:
-                if not all(peer.is_worker for peer in record.conns):
+                if not record.superseded and not all(peer.is_worker for peer in record.conns):
                     local += 1
-            elif not all(forwarder.is_worker for forwarder in record.forwarders):
+            elif not any(forwarder.is_worker for forwarder in record.forwarders):
                 remote += 1
         return local, remote
 
