@@ -31,6 +31,7 @@ from ..protocol.frames import (
     pong_frame,
 )
 from ..protocol.handshake import HANDSHAKE_TIMEOUT, HandshakeError
+from ..sendnow import write_now
 from ..tls.client import TLSIdentityError
 from ..tls.metacert import meta_certificate_key
 
@@ -202,7 +203,7 @@ class MeshLink(Protocol):
             data = b"".join(self._out)
             self._out.clear()
             self._pending = 0
-            self.transport.write(data)
+            write_now(self.transport, data)
 
     # IPushProducer: Twisted tells us when the peer stops taking our writes.
     def pauseProducing(self) -> None:
