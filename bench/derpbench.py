@@ -98,9 +98,11 @@ class TLSConn:
         self.sock.close()
 
 
-def dial(port: int, key: PrivateKey) -> tuple[TLSConn, FrameReader]:
-    """A handshaken DERP connection and its reader (which may hold buffered bytes)."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+def dial(port: int, key: PrivateKey, source_port: int = 0) -> tuple[TLSConn, FrameReader]:
+    """A handshaken DERP connection and its reader (which may hold buffered bytes); from
+    ``source_port`` if given (workerbench places connections on workers by their 4-tuple)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                   source_address=("127.0.0.1", source_port) if source_port else None)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = TLSConn(raw)
     conn.sendall(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n" % port)
@@ -137,8 +139,8 @@ def dial(port: int, key: PrivateKey) -> tuple[TLSConn, FrameReader]:
 # TCP backpressure, and batching keeps each of them far from a full core (see README).
 
 
-def sender_main(port: int, pairs: list[tuple[bytes, bytes]], pipe) -> None:
-    conns = [dial(port, PrivateKey(k))[0] for k, _ in pairs]
+def sender_main(port: int, pairs: list[tuple[bytes, bytes]], pipe, source_ports=None) -> None:
+    conns = [dial(port, PrivateKey(k), sport)[0] for (k, _), sport in zip(pairs, source_ports or [0] * len(pairs))]
     # Pre-encoded batches: only the 16-byte stamp of each frame changes per send.
     bufs = [bytearray(send_packet_frame(dst, bytes(PACKET_LEN)) * MAX_BATCH) for _, dst in pairs]
     views = [memoryview(b) for b in bufs]
@@ -181,8 +183,8 @@ def sender_main(port: int, pairs: list[tuple[bytes, bytes]], pipe) -> None:
     pipe.recv()  # keep connections open until the receivers have drained
 
 
-def receiver_main(port: int, keys: list[bytes], pipe) -> None:
-    conns = [dial(port, PrivateKey(k)) for k in keys]
+def receiver_main(port: int, keys: list[bytes], pipe, source_ports=None) -> None:
+    conns = [dial(port, PrivateKey(k), sport) for k, sport in zip(keys, source_ports or [0] * len(keys))]
     sel = selectors.DefaultSelector()
     for i, (conn, _) in enumerate(conns):
         conn.sock.setblocking(False)
@@ -247,9 +249,9 @@ def idle_main(port: int, count: int, concurrency: int, pipe) -> None:
         conn.close()
 
 
-def start(target, *args) -> tuple[mp.Process, object]:
+def start(target, *args, **kwargs) -> tuple[mp.Process, object]:
     parent, child = mp.Pipe()
-    proc = mp.Process(target=target, args=(*args, child), daemon=True)
+    proc = mp.Process(target=target, args=(*args, child), kwargs=kwargs, daemon=True)
     proc.start()
     return proc, parent
 
@@ -302,15 +304,19 @@ def sleep_until(t_ns: int) -> None:
     time.sleep(max(0.0, (t_ns - time.monotonic_ns()) / 1e9))
 
 
-def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict | None = None) -> dict:
-    """Senders on ``server``, receivers there too or on ``receive_on`` (another node of a mesh)."""
+def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict | None = None,
+             source_ports: tuple[list[int], list[int]] | None = None) -> dict:
+    """Senders on ``server``, receivers there too or on ``receive_on`` (another node of a mesh);
+    ``source_ports``: the senders' and the receivers' (workerbench's placement)."""
     keys = [PrivateKey.generate() for _ in range(2 * pairs)]
     senders, receivers = keys[:pairs], keys[pairs:]
     far = receive_on or server
-    rproc, rpipe = start(receiver_main, far["port"], [bytes(k) for k in receivers])
+    sender_ports, receiver_ports = source_ports or (None, None)
+    rproc, rpipe = start(receiver_main, far["port"], [bytes(k) for k in receivers], source_ports=receiver_ports)
     expect(rpipe, rproc, 30)  # receivers must be registered before anything is sent to them
     sproc, spipe = start(sender_main, server["port"],
-                         [(bytes(s), bytes(r.public_key)) for s, r in zip(senders, receivers)])
+                         [(bytes(s), bytes(r.public_key)) for s, r in zip(senders, receivers)],
+                         source_ports=sender_ports)
     expect(spipe, sproc, 30)
     t_start = time.monotonic_ns() + 200_000_000
     t_lo = t_start + int(args.warmup * 1e9)
