@@ -111,6 +111,7 @@ def run_config(config: str, rates: list[int], args, out: Path, started: str) -> 
     rows = []
     with tempfile.TemporaryDirectory(prefix="workerbench-") as tmp, \
             open(out / f"{started}-workers-{config}.log", "ab") as log:
+        start = log.tell()  # this node's lines: the log gathers every run of the configuration
         server = start_derpbox(Path(tmp), log, f"-workers {workers}")
         try:
             if workers == 2:
@@ -119,7 +120,7 @@ def run_config(config: str, rates: list[int], args, out: Path, started: str) -> 
                 while not (m := re.search(r"internal mesh sockets in (\S+)", text)) or text.count("connected to") < 2:
                     assert time.monotonic() < deadline, "the workers did not mesh"
                     time.sleep(0.1)
-                    text = Path(log.name).read_text(errors="replace")
+                    text = Path(log.name).read_bytes()[start:].decode(errors="replace")
                 mesh_dir = m[1]
             for rate in rates:
                 place = None

@@ -16,7 +16,6 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, U
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from .admission import Admission
@@ -33,6 +32,7 @@ from .tls.acme import AcmeCertificateSource, AcmeFollower, default_directory
 from .tls.certs import CertificateError, CertifiedKey, ManualCertificateSource
 from .tls.context import ServerTLS
 from .tls.stats import TLSStats
+from .tls.transport import server_tls_factory
 from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
@@ -336,7 +336,7 @@ class DerpboxService(MultiService):
     def _main_listener(self) -> ListenerService:
         settings = self.settings
         if self.tls is not None:
-            factory, what = TLSMemoryBIOFactory(self.tls, False, self.front), "DERP (TLS)"
+            factory, what = server_tls_factory(self.tls, self.front), "DERP (TLS)"
         else:
             factory, what = self.front, "DERP (plain HTTP)"
         if settings.proxy_networks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import socket
 import ssl
 import time
@@ -139,7 +140,9 @@ def http_get(port, request: bytes, tls=False) -> bytes:
             if not chunk:
                 return data
             data += chunk
-            if b"\r\n\r\n" in data and (b"Content-Length: 0" in data or data.endswith(b"\n")):
+            head, sep, body = data.partition(b"\r\n\r\n")
+            length = re.search(rb"\r\nContent-Length: (\d+)", head)
+            if sep and length and len(body) >= int(length[1]):
                 return data
 
 
