@@ -187,7 +187,7 @@ class MeshLink(Protocol):
         if self.paused and self._pending > MAX_PENDING_BYTES:
             self.peer.relay.stats.drop("queue_tail", disco, size)
             return
-        self._out.append(pack_header(_FORWARD, _FORWARD_OVERHEAD + size) + src + dst + packet)
+        self._out.append(b"".join((pack_header(_FORWARD, _FORWARD_OVERHEAD + size), src, dst, packet)))
         self._pending += size
         if not self.dirty:
             self.dirty = True

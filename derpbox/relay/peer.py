@@ -202,6 +202,8 @@ class Peer:
         for ftype, payload in frames:
             if ftype == _SEND:
                 relay.send_packet(self, payload)
+            elif ftype == _FORWARD and self.is_mesh:
+                relay.forward_in(self, payload)
             elif ftype == _PING:
                 self._on_ping(payload)
             elif ftype == _NOTE_PREFERRED:

@@ -255,14 +255,14 @@ class Relay:
     # -- mesh ------------------------------------------------------------
 
     def mesh_frame(self, peer: Peer, ftype: int, payload: memoryview) -> None:
-        if ftype == FrameType.FORWARD_PACKET:
-            self._forward_in(peer, payload)
-        elif ftype == FrameType.WATCH_CONNS:
+        """WatchConns or ClosePeer from a mesh peer (ForwardPacket goes to ``forward_in``)."""
+        if ftype == FrameType.WATCH_CONNS:
             self._watch(peer)
         elif ftype == FrameType.CLOSE_PEER:
             self._close_peer(payload.tobytes())
 
-    def _forward_in(self, mesh_peer: Peer, payload: memoryview) -> None:
+    def forward_in(self, mesh_peer: Peer, payload: memoryview) -> None:
+        """A ForwardPacket from a mesh peer (the hot path of a node's workers, too)."""
         stats = self.stats
         src_key = payload[:KEY_LEN].tobytes()
         dst_key = payload[KEY_LEN : 2 * KEY_LEN].tobytes()
