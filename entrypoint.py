@@ -41,7 +41,7 @@ import shlex
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
-from derpbox.config import SETTINGS_TABLE, ConfigError, UsageRequested, load_settings
+from derpbox.config import DEFAULT_HOSTNAME, SETTINGS_TABLE, ConfigError, UsageRequested, load_settings
 
 PROG = "derpbox-entrypoint"
 EXTRA_ARGS_ENV = ("DERP_EXTRA_ARGS", "DERPER_EXTRA_ARGS")  # primary first
@@ -184,6 +184,16 @@ def flags_in(argv: list[str]) -> set[str]:
             for name in [arg.lstrip("-").partition("=")[0]] if name in known}
 
 
+def require_hostname(settings) -> None:
+    """derper's default hostname is Tailscale's own: a container left with it would ask
+    Let's Encrypt for derp.tailscale.com forever. Say what to set instead."""
+    if settings.hostname == DEFAULT_HOSTNAME and not settings.dev and not settings.version_requested:
+        raise EntrypointError(
+            "DERP_DOMAIN is not set: set it in .env to this relay's public DNS name (or its public IP "
+            "address, for a pinned self-signed certificate); without it derpbox would serve "
+            f"{DEFAULT_HOSTNAME}, Tailscale's own name")
+
+
 def main(argv: list[str], environ: dict[str, str]) -> int:
     subcommand = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
     args = argv[1:] if subcommand else list(argv)
@@ -196,6 +206,7 @@ def main(argv: list[str], environ: dict[str, str]) -> int:
         flags = extra + args
         if subcommand in ("", "serve"):
             settings = load_settings(flags, environ)
+            require_hostname(settings)
     except UsageRequested:
         settings = None  # derpbox prints the usage itself
     except (ConfigError, EntrypointError) as e:

@@ -47,6 +47,11 @@ FOOTER = f"""
 """
 
 
+# Set, not commented out: the name to fill in, and strict mode (a misspelled variable in
+# this file stops the container instead of being ignored).
+SET_IN_EXAMPLE = {"DERP_DOMAIN": "", "DERP_STRICT_ENV": "true"}
+
+
 def default_text(opt) -> str:
     primary = opt.env[0].name
     if primary in IMAGE_DEFAULTS:
@@ -82,8 +87,8 @@ def render() -> str:
             for alias in aliases:
                 if alias.forms:
                     out.append(f"#   {alias.name} accepts: {alias.forms}")
-        if primary.name == "DERP_DOMAIN":
-            out.append(f"{primary.name}=")
+        if primary.name in SET_IN_EXAMPLE:
+            out.append(f"{primary.name}={SET_IN_EXAMPLE[primary.name]}")
         else:
             value = IMAGE_DEFAULTS.get(primary.name, "")
             out.append(f"# {primary.name}={value}")

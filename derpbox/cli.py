@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from . import __version__
 from .config import ConfigError, UsageRequested, load_settings
+from .keys import KeyFileError
 from .logs import start_logging
 from .workers import supervisor
 from .workers.context import from_environ
@@ -22,7 +23,7 @@ def serve(argv: list[str], environ=os.environ) -> int:
     try:
         settings = load_settings(argv, environ)
     except UsageRequested as u:
-        sys.stdout.write(u.usage)
+        sys.stdout.write(SUBCOMMANDS_USAGE + "\n" + u.usage)
         return 0
     except ConfigError as e:
         sys.stderr.write(f"derpbox: {e}\n")
@@ -48,12 +49,13 @@ def serve(argv: list[str], environ=os.environ) -> int:
 
     try:
         service = DerpboxService(settings, reactor, environ, worker=worker)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, KeyFileError, OSError) as e:
         log.critical("cannot start: {error}", error=str(e))
         return 2
     exit_code = []
 
     def failed(failure):
+        # One line naming what failed (a ListenError says which listener, address and why).
         log.critical("cannot start: {error}", error=failure.getErrorMessage())
         exit_code.append(1)
         reactor.stop()
@@ -93,6 +95,16 @@ def _subcommand(name: str):
 
 
 SUBCOMMANDS = ("serve", "healthcheck", "check", "derpmap")
+SUBCOMMANDS_USAGE = """\
+Usage: derpbox [flags]                 serve: run the relay (derper's flags, below)
+       derpbox serve [flags]           the same
+       derpbox healthcheck [flags]     check this node's own listeners, certificate and workers
+                                       (exit 0 when healthy: a container HEALTHCHECK)
+       derpbox check TARGET...         check DERP nodes or a DERP map from outside, as a client would
+       derpbox derpmap [flags]         print this node's DERP map region (JSON) for Headscale or the
+                                       Tailscale admin console
+Run "derpbox SUBCOMMAND -h" for a subcommand's own options.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,7 @@ class Settings:
     mesh_cert_names: tuple[str, ...]
     mesh_peers: tuple[MeshPeerSpec, ...]  # -mesh-with parsed, with -mesh-cert-names
     workers: int  # 0 = auto
+    strict_env: bool  # an unknown DERP_*/DERPER_* variable stops start-up instead of a warning
     secrets_url: str
     secrets_path_prefix: str
     secrets_cache_dir: str
@@ -280,11 +281,27 @@ def _nonnegative_duration(text: str) -> float:
 
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        if text not in allowed:
+        # Any case, as booleans are: DERP_CERT_MODE=Manual means manual.
+        if text.strip().lower() not in allowed:
             raise ValueError("not one of the accepted values")
-        return text
+        return text.strip().lower()
 
     return parse
+
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def _hostname(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if is_ip(text):
+        return text
+    name = text[:-1] if text.endswith(".") else text
+    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        raise ValueError("not a valid DNS name: labels of letters, digits and inner hyphens, separated by dots")
+    return text
 
 
 def _tls_groups(text: str) -> str:
@@ -295,12 +312,6 @@ def _tls_groups(text: str) -> str:
 
 
 def _text(text: str) -> str:
-    return text
-
-
-def _nonempty(text: str) -> str:
-    if not text:
-        raise ValueError("must not be empty")
     return text
 
 
@@ -553,7 +564,7 @@ SETTINGS_TABLE: tuple[Option, ...] = (
     Option("certdir", "certdir", TEXT, _default_certdir, "certificate and ACME cache directory",
            _env("DERP_CERT_DIR", "DERP_CERTDIR", "DERP_CERTS", "CERT_DIR"),
            default_text="<user cache dir>/tailscale/derper-certs"),
-    Option("hostname", "hostname", Kind("string", _nonempty, "a DNS name or an IP address"), DEFAULT_HOSTNAME,
+    Option("hostname", "hostname", Kind("string", _hostname, "a DNS name or an IP address"), DEFAULT_HOSTNAME,
            "TLS hostname; an IP address with -certmode manual (self-signed) or -acme-ip-certs",
            _env("DERP_DOMAIN", "DERP_HOSTNAME", "DERP_HOST", "TAILSCALE_DERP_HOSTNAME", "DERPER_HOST")),
     Option("acme_eab_kid", "acme-eab-kid", TEXT, "", "ACME external account binding key ID (required for gcp)",
@@ -602,6 +613,9 @@ SETTINGS_TABLE: tuple[Option, ...] = (
                                       (str, int)), 1,
            "worker processes sharing the listeners, meshed with each other; auto: one per CPU this process "
            "may use (affinity and cgroup quota)", _env("DERP_WORKERS"), default_text="1"),
+    Option("strict_env", "strict-env", BOOL, False,
+           "refuse to start when a DERP_* or DERPER_* environment variable is not a setting (a misspelling); "
+           "without it, a warning names the closest setting", _env("DERP_STRICT_ENV")),
     Option("secrets_url", "secrets-url", Kind("string", _optional_url, "an http:// or https:// URL"), "",
            "setec server URL to fetch the mesh key from", _env("DERP_SECRETS_URL")),
     Option("secrets_path_prefix", "secrets-path-prefix", TEXT, "prod/derp", "setec path prefix of the meshkey secret",
@@ -730,10 +744,43 @@ def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
     values["send_queue_depth"] = _send_queue_depth(environ)
     cert_names = dict(pair.split("=", 1) for pair in values["mesh_cert_names"])
     values["mesh_peers"] = mesh_spec.parse_entries(values["mesh_with"], cert_names)
-    settings = Settings(warnings=tuple(warnings), **values)
+    unknown = unknown_env_names(environ)
+    if unknown and values["strict_env"]:
+        raise ConfigError("; ".join(unknown) + " (strict mode: -strict-env / DERP_STRICT_ENV)")
+    if values["region_id"] < 900:
+        warnings.append(f"-region-id {values['region_id']} is below 900: Tailscale's own DERP regions use low IDs, "
+                        "and a custom region with the same ID replaces Tailscale's in your tailnet's DERP map; "
+                        "use 900-999")
+    settings = Settings(warnings=(*unknown, *warnings), **values)
     if not settings.version_requested:
         _check_consistency(settings, environ)
     return settings
+
+
+# DERP_*/DERPER_* names that are no settings but belong to the appliance: the container
+# entrypoint's, and the compose variants' proxy backends (one .env may feed every service).
+OTHER_ENV_NAMES = frozenset({"DERP_EXTRA_ARGS", "DERPER_EXTRA_ARGS", "DERP_BACKEND", "DERP_HTTP_BACKEND"})
+ENV_PREFIXES = ("DERP_", "DERPER_")
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
+    """A line for each set variable that looks like a setting but is none (a misspelling)."""
+    known = {env.name for opt in SETTINGS_TABLE for env in opt.env} | OTHER_ENV_NAMES
+    # Compared without the prefix, which every candidate shares and would make anything look close;
+    # of DERP_X and DERPER_X, DERP_X (sorted last) is the one suggested.
+    by_stem = {_env_stem(name): name for name in sorted(known, key=lambda n: (n.startswith("DERP_"), n))
+               if name.startswith(ENV_PREFIXES)}
+    lines = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIXES) and name not in known:
+            close = difflib.get_close_matches(_env_stem(name), list(by_stem), n=1, cutoff=0.75)
+            hint = f"did you mean {by_stem[close[0]]}?" if close else "no setting has a similar name"
+            lines.append(f"environment variable {name} is not a derpbox setting and is ignored: {hint}")
+    return lines
+
+
+def _env_stem(name: str) -> str:
+    return name.split("_", 1)[1]
 
 
 def _send_queue_depth(environ: Mapping[str, str]) -> int:

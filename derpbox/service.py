@@ -13,12 +13,14 @@ from nacl.public import PrivateKey
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, Logger
 from zope.interface import implementer
 
 from .admission import Admission
+from .bind_errors import listen_error
 from .config import ConfigError, ServeSettings, Settings, load_serve_settings
 from .derpmap import build_node, derpmap_resource
 from .heap import HeapService
@@ -69,19 +71,25 @@ class AdoptedPortEndpoint:
 
 
 class ListenerService(Service):
-    """Listens on an endpoint while running; ``port`` is the listening port."""
+    """Listens on an endpoint while running; ``port`` is the listening port. ``ready`` fires
+    once listening, or fails with a ListenError naming the listener, address and cause."""
 
-    def __init__(self, endpoint, factory, what: str):
+    def __init__(self, endpoint, factory, what: str, address: tuple[str, int] = ("", 0)):
         self.endpoint = endpoint
         self.factory = factory
         self.what = what
+        self.address = address
         self.port = None
         self.ready: defer.Deferred | None = None
 
     def startService(self):
         super().startService()
         self.ready = self.endpoint.listen(self.factory)
-        self.ready.addCallback(self._listening)
+        self.ready.addCallbacks(self._listening, self._failed)
+
+    def _failed(self, failure):
+        failure.trap(OSError, CannotListenError)
+        raise listen_error(self.what, *self.address, "tcp", failure.value)
 
     def _listening(self, port):
         self.port = port
@@ -350,6 +358,7 @@ class DerpboxService(MultiService):
             main_resource=self.site.resource,
             environ=environ,
             challenge_responder=getattr(self.cert_source, "http01_response", None),
+            https_port=lambda: self.settings.public_port or self.derp_port,
         )
         return self._listen(
             self.settings.listen_host,
@@ -386,7 +395,7 @@ class DerpboxService(MultiService):
             endpoint = AdoptedPortEndpoint(self.reactor, sock.fd, sock.family)
         else:
             endpoint = _endpoint(self.reactor, host, port)
-        listener = ListenerService(endpoint, factory, what)
+        listener = ListenerService(endpoint, factory, what, (host, port))
         listener.setServiceParent(self)
         return listener
 
@@ -473,9 +482,11 @@ class DerpboxService(MultiService):
         yield super().stopService()
 
     def listening(self) -> defer.Deferred:
-        """Fires with the service once every TCP listener is up."""
-        waits = [s.ready for s in (self.main, self.port80, self.metrics_listener) if s is not None]
-        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: self)
+        """Fires with the service once every listener is up, or fails with the first
+        ListenError (the line to log before exiting)."""
+        waits = [s.ready for s in (self.main, self.port80, self.metrics_listener, self.stun) if s is not None]
+        d = defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: self)
+        return d.addErrback(lambda failure: failure.value.subFailure if failure.check(defer.FirstError) else failure)
 
     @property
     def derp_port(self) -> int:

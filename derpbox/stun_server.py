@@ -4,10 +4,12 @@ import socket
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from .bind_errors import NO_IPV6, ListenError, listen_error
 from .counters import counter
 from .protocol.stun import RESPONSE_LEN_IPV4, build_binding_response, parse_binding_request
 
@@ -83,23 +85,37 @@ def _listen_ipv6_only_wildcard(reactor, port: int, stats: STUNStats) -> IListeni
 def listen_stun(reactor, host: str, port: int, stats: STUNStats) -> list[IListeningPort]:
     """Listen for STUN on host:port; host "" means every IPv4 and IPv6 interface.
 
-    For "" the IPv6 socket reuses the port the IPv4 one got, so port 0 yields
-    one port number; if IPv6 cannot be had there, STUN carries on over IPv4.
+    For "" the IPv6 socket reuses the port the IPv4 one got, so port 0 yields one port
+    number. A host without IPv6 (no such family or address) gets STUN over IPv4 alone,
+    with a warning; any other failure, such as the port being in use over IPv6, raises
+    a ListenError like a failure over IPv4.
     """
     if host:
-        return [_listen_udp(reactor, host, port, stats)]
-    ipv4 = _listen_udp(reactor, "0.0.0.0", port, stats)
+        return [_listen("STUN", reactor, host, port, stats)]
+    ipv4 = _listen("STUN (IPv4)", reactor, "0.0.0.0", port, stats)
     bound = ipv4.getHost().port
     try:
         ipv6 = _listen_ipv6_only_wildcard(reactor, bound, stats)
     except OSError as e:
-        log.warn("STUN not listening on [::]:{port}, IPv4 only: {error}", port=bound, error=e)
+        if e.errno not in NO_IPV6:
+            ipv4.stopListening()
+            raise listen_error("STUN (IPv6)", "::", bound, "udp", e) from None
+        log.warn("STUN not listening on [::]:{port}, IPv4 only: this host has no IPv6 ({error})",
+                 port=bound, error=e.strerror)
         return [ipv4]
     return [ipv4, ipv6]
 
 
+def _listen(what: str, reactor, host: str, port: int, stats: STUNStats) -> IListeningPort:
+    try:
+        return _listen_udp(reactor, host, port, stats)
+    except (OSError, CannotListenError) as e:
+        raise listen_error(what, host, port, "udp", e) from None
+
+
 class STUNService(service.Service):
-    """Runs listen_stun for the lifetime of the service; `ports` holds the listeners."""
+    """Runs listen_stun for the lifetime of the service; ``ports`` holds the listeners and
+    ``ready`` fires once they listen, or fails with the ListenError that stopped them."""
 
     def __init__(self, host: str, port: int, stats: STUNStats, reactor=None, adopted=None) -> None:
         self.host = host
@@ -108,6 +124,7 @@ class STUNService(service.Service):
         self.adopted = adopted
         self.stats = stats
         self.ports: list[IListeningPort] = []
+        self.ready: defer.Deferred | None = None
         self._reactor = reactor
 
     def startService(self) -> None:
@@ -115,12 +132,21 @@ class STUNService(service.Service):
         if reactor is None:
             # Imported late so that importing this module never installs a reactor.
             from twisted.internet import reactor
-        if self.adopted is not None:
-            self.ports = [reactor.adoptDatagramPort(fd, family, STUNProtocol(self.stats), MAX_PACKET_SIZE)
-                          for fd, family in self.adopted]
-        else:
-            self.ports = listen_stun(reactor, self.host, self.port, self.stats)
         super().startService()
+        try:
+            if self.adopted is not None:
+                self.ports = [reactor.adoptDatagramPort(fd, family, STUNProtocol(self.stats), MAX_PACKET_SIZE)
+                              for fd, family in self.adopted]
+            else:
+                self.ports = listen_stun(reactor, self.host, self.port, self.stats)
+        except ListenError:
+            self.ready = defer.fail()
+            return
+        for port in self.ports:
+            addr = port.getHost()
+            host = f"[{addr.host}]" if ":" in addr.host else addr.host
+            log.info("STUN listening on {host}:{port} (UDP)", host=host, port=addr.port)
+        self.ready = defer.succeed(self)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

@@ -388,7 +388,8 @@ def test_mesh_with_entries_are_parsed_as_derper_does():
 
 def test_table_env_names_match_the_documented_list():
     documented = {name for name, *_ in ALIASES} | {"DERP_MESH_WITH", "MESH_WITH", "DERP_CONFIG_FILE",
-                                                    "DERP_MESH_KEY", "DERP_MESH_PEERS_FILE", "DERP_WORKERS"}
+                                                    "DERP_MESH_KEY", "DERP_MESH_PEERS_FILE", "DERP_WORKERS",
+                                                    "DERP_STRICT_ENV"}
     in_table = [env.name for opt in SETTINGS_TABLE for env in opt.env]
     assert len(in_table) == len(set(in_table))
     assert set(in_table) == documented
@@ -473,8 +474,10 @@ INVALID = [
     ("stun-port", "-1", "0-65535"),
     ("stun-port", "1.5", "0-65535"),
     ("certmode", "acme.sh", "manual, letsencrypt, gcp"),
-    ("certmode", "Manual", "manual, letsencrypt, gcp"),
     ("hostname", "", "a DNS name or an IP address"),
+    ("hostname", "derp example.com", "a DNS name or an IP address"),
+    ("hostname", "derp_1.example.com", "a DNS name or an IP address"),
+    ("hostname", "-derp.example.com", "a DNS name or an IP address"),
     ("home", "about:blank", '"" (default page), "blank", or an http:// or https:// URL'),
     ("verify-client-url", "ftp://v.example", "http:// or https:// URL"),
     ("verify-client-url", "https://ok.example,v.example", "http:// or https:// URL"),
@@ -518,6 +521,39 @@ def test_invalid_env_value(flag, value, forms):
     message = error(env={opt.env[0].name: value})
     assert f"invalid value {value!r} for environment variable {opt.env[0].name} (setting -{flag})" in message
     assert (config.ENV_BOOL_FORMS if opt.kind is config.BOOL else forms) in message
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_certmode_is_accepted_in_any_case(source):
+    settings = load(["-c", "/k", "-certmode", "Manual"]) if source == "flag" else load(
+        ["-c", "/k"], env={"DERP_CERT_MODE": "MANUAL"})
+    assert settings.certmode == "manual"
+
+
+def test_misspelled_variables_warn_with_the_closest_name():
+    settings = load(["-c", "/k"], env={"DERP_DOMIAN": "derp.example.com", "DERP_VERIFY_CLIENT": "true",
+                                       "DERPER_FROBNICATE": "1", "DERP_EXTRA_ARGS": "-a :443", "OTHER_THING": "x"})
+    assert [w for w in settings.warnings if "not a derpbox setting" in w] == [
+        "environment variable DERPER_FROBNICATE is not a derpbox setting and is ignored: no setting has a similar name",
+        "environment variable DERP_DOMIAN is not a derpbox setting and is ignored: did you mean DERP_DOMAIN?",
+        "environment variable DERP_VERIFY_CLIENT is not a derpbox setting and is ignored: "
+        "did you mean DERP_VERIFY_CLIENTS?",
+    ]
+    assert settings.hostname == config.DEFAULT_HOSTNAME  # what the misspelling would silently have left
+
+
+def test_misspelled_variables_are_fatal_in_strict_mode():
+    with pytest.raises(ConfigError, match=r"DERP_DOMIAN is not a derpbox setting .*did you mean DERP_DOMAIN\? "
+                                          r"\(strict mode: -strict-env / DERP_STRICT_ENV\)"):
+        load(["-c", "/k"], env={"DERP_DOMIAN": "derp.example.com", "DERP_STRICT_ENV": "true"})
+    assert load(["-c", "/k"], env={"DERP_DOMAIN": "derp.example.com", "DERP_STRICT_ENV": "true"}).hostname == \
+        "derp.example.com"
+
+
+@pytest.mark.parametrize("region, warned", [(1, True), (899, True), (900, False), (999, False)])
+def test_a_region_id_below_900_warns(region, warned):
+    settings = load(["-c", "/k", "-region-id", str(region)])
+    assert any("is below 900" in w for w in settings.warnings) == warned
 
 
 def test_secret_value_is_not_echoed():
@@ -845,7 +881,7 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
                                     "acme-challenge", "proxy-protocol", "trusted-proxies", "mesh-key",
-                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names", "workers"}
+                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names", "workers", "strict-env"}
     derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "metrics_listen", "metrics_allow_networks",
                "proxy_networks", "mesh_peers"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

@@ -251,11 +251,20 @@ def test_env_example_documents_every_variable():
         assert name in text
 
 
-def test_env_example_as_dot_env_changes_nothing_but_the_hostname():
-    """Copied to .env unchanged, only DERP_DOMAIN is set (empty), so image defaults stay in force."""
+def test_env_example_as_dot_env_changes_nothing_but_the_hostname_and_strict_mode():
+    """Copied to .env unchanged, only DERP_DOMAIN is set (empty) and strict mode on (a
+    misspelled variable stops the container), so image defaults stay in force."""
     assigned = [line for line in (COMPOSE / ".env.example").read_text().splitlines()
                 if line and not line.startswith("#")]
-    assert assigned == ["DERP_DOMAIN="]
+    assert assigned == ["DERP_DOMAIN=", "DERP_STRICT_ENV=true"]
+
+
+def test_every_compose_variant_runs_derpbox_in_strict_mode():
+    for path in [COMPOSE / "docker-compose.yml", *sorted(COMPOSE.glob("*/docker-compose.yml"))]:
+        doc = yaml.safe_load(path.read_text())
+        for name, svc in doc.get("services", {}).items():
+            if "derpbox" in str(svc.get("image", "")):
+                assert svc["environment"]["DERP_STRICT_ENV"] == "${DERP_STRICT_ENV:-true}", (path, name)
 
 
 def test_readme_table_lists_every_variable_and_is_current():

@@ -41,6 +41,7 @@ SAMPLES = {
     "derp": ("0", "false", {}),
     "key_path": ("{tmp}/other.key", "{tmp}/other.key", {}),
     "certmode": ("manual", "manual", {}),
+    "strict_env": ("true", "true", {}),
     "certdir": ("{tmp}/certs", "{tmp}/certs", {}),
     "hostname": ("derp.example.com", "derp.example.com", {}),
     "acme_eab_kid": ("kid-123", "kid-123", {}),
@@ -116,6 +117,7 @@ def base_env(tmp: str) -> dict[str, str]:
         "PYTHONPATH": str(ROOT),
         "LANG": "C.UTF-8",
         "DERP_CONFIG_PATH": f"{tmp}/derper.key",
+        "DERP_DOMAIN": "derp-base.example.com",  # the container refuses to start without it
         entrypoint.DRY_RUN_ENV: "1",
     }
 
@@ -409,3 +411,32 @@ def test_healthcheck_command_runs(tmp):
                           text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout
+
+
+@pytest.mark.parametrize("domain", [None, "", "derp.tailscale.com"])
+def test_the_container_refuses_to_start_without_derp_domain(domain):
+    env = {k: v for k, v in base_env("/nonexistent").items() if k != "DERP_DOMAIN"}
+    if domain is not None:
+        env["DERP_DOMAIN"] = domain
+    proc = subprocess.run([sys.executable, str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("derpbox-entrypoint: DERP_DOMAIN is not set: set it in .env to this relay's "
+                                  "public DNS name"), proc.stderr
+
+
+def test_the_container_takes_the_hostname_from_an_alias_or_the_arguments():
+    env = {k: v for k, v in base_env("/nonexistent").items() if k != "DERP_DOMAIN"}
+    proc = subprocess.run([sys.executable, str(ENTRYPOINT)], env={**env, "DERP_HOSTNAME": "derp.example.net"},
+                          capture_output=True, text=True, timeout=30)
+    assert dry(proc)["settings"]["hostname"] == "derp.example.net"
+    proc = subprocess.run([sys.executable, str(ENTRYPOINT), "-hostname", "derp.example.org"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert dry(proc)["settings"]["hostname"] == "derp.example.org"
+
+
+def test_a_misspelled_variable_is_fatal_in_strict_mode_as_shipped():
+    proc = run(env={"DERP_STRICT_ENV": "true", "DERP_VERIFY_CLIENT": "true"})
+    assert proc.returncode == 2
+    assert "DERP_VERIFY_CLIENT is not a derpbox setting and is ignored: did you mean DERP_VERIFY_CLIENTS?" in proc.stderr
+    relaxed = run(env={"DERP_VERIFY_CLIENT": "true"})
+    assert relaxed.returncode == 0 and "did you mean DERP_VERIFY_CLIENTS?" in relaxed.stderr

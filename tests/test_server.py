@@ -170,7 +170,17 @@ def test_port80_listener_in_tls_mode(start_server):
     )
     assert data.startswith(b"HTTP/1.1 204 ") and b"X-Tailscale-Response: response ts_127.0.0.1" in data
     data = yield deferToThread(http_get, port, b"GET /x?y=1 HTTP/1.1\r\nHost: example.com:8080\r\nConnection: close\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 302 ") and b"Location: https://example.com:8080/x?y=1\r\n" in data
+    # To the port DERP listens on (ephemeral here), not port 80's own number from the Host.
+    location = b"Location: https://example.com:%d/x?y=1\r\n" % server.service.derp_port
+    assert data.startswith(b"HTTP/1.1 302 ") and location in data
+
+
+@pytest_twisted.inlineCallbacks
+def test_port80_redirects_to_the_public_port(start_server):
+    server = yield start_server("-public-port", "443")
+    data = yield deferToThread(http_get, server.service.http_port,
+                               b"GET /x HTTP/1.1\r\nHost: example.com:80\r\nConnection: close\r\n\r\n")
+    assert b"Location: https://example.com/x\r\n" in data
 
 
 @pytest_twisted.inlineCallbacks

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import struct
+import time
 import zlib
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.internet.task import deferLater
 
 from derpbox.protocol import stun
 from derpbox.protocol.stun import (
@@ -25,6 +26,7 @@ from derpbox.protocol.stun import (
     parse_binding_request,
     parse_binding_response,
 )
+from derpbox.bind_errors import ListenError
 from derpbox.stun_server import STUNProtocol, STUNService, STUNStats, listen_stun
 
 TIMEOUT = 5
@@ -499,17 +501,26 @@ def test_wildcard_listens_on_both_families_on_one_port(ports, stats):
 
 
 @needs_ipv6
-def test_wildcard_carries_on_with_ipv4_when_ipv6_port_is_taken(ports, stats):
+@pytest_twisted.inlineCallbacks
+def test_wildcard_fails_when_the_ipv6_port_is_taken(ports, stats):
+    """Every STUN listener starts or none does: an IPv6 port in use is no reason to carry on
+    over IPv4 alone (only a host without IPv6 is)."""
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as blocker:
         blocker.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         blocker.bind(("::", 0))
         taken = blocker.getsockname()[1]
-        with capturedLogs() as events:
-            listening = listen_stun(reactor, "", taken, stats)
-        ports.extend(listening)
-    assert [p.getHost().host for p in listening] == ["0.0.0.0"]
-    warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
-    assert len(warnings) == 1 and "IPv4 only" in warnings[0]
+        with pytest.raises(ListenError, match=rf"^STUN \(IPv6\) on UDP \[::\]:{taken}: port in use by pid {os.getpid()} "):
+            listen_stun(reactor, "", taken, stats)
+    # The IPv4 socket it had opened is closed again (at the next reactor pass): the port is free.
+    deadline = time.monotonic() + 5
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            try:
+                again.bind(("127.0.0.1", taken))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the IPv4 STUN socket stayed open"
+        yield deferLater(reactor, 0.01, lambda: None)
 
 
 def _dual_stack_default() -> bool:

@@ -444,19 +444,33 @@ async def test_port80_other_methods_use_https(port80, method):
 
 
 @pytest.mark.parametrize(
-    ("method", "host", "target"),
+    ("method", "host", "target", "location"),
     [
-        ("GET", "Derp.Example.com:8443", "/a/b%20c?x=1&y=%2F"),
-        ("HEAD", "192.0.2.1", "/"),
-        ("GET", "[2001:db8::1]:80", "/derp"),
+        ("GET", "Derp.Example.com:80", "/a/b%20c?x=1&y=%2F", "https://Derp.Example.com/a/b%20c?x=1&y=%2F"),
+        ("HEAD", "192.0.2.1", "/", "https://192.0.2.1/"),
+        ("GET", "[2001:db8::1]:80", "/derp", "https://[2001:db8::1]/derp"),
+        ("GET", "[2001:db8::1]", "/", "https://[2001:db8::1]/"),
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_port80_redirects_to_https(port80, method, host, target):
+async def test_port80_redirects_to_https(port80, method, host, target, location):
     resp = await fetch(port80, request(method, target, host=host))
     assert resp.status == 302
-    assert resp.get("location") == f"https://{host}{target}"
+    assert resp.get("location") == location
     assert resp.get("server") is None
+
+
+@pytest.mark.parametrize(("host", "location"), [
+    ("derp.example.com:80", "https://derp.example.com:8443/x"),
+    ("derp.example.com", "https://derp.example.com:8443/x"),
+    ("[2001:db8::1]:8080", "https://[2001:db8::1]:8443/x"),
+])
+@pytest_twisted.ensureDeferred
+async def test_port80_redirects_to_the_port_clients_use(serve, host, location):
+    """Not port 80's own number from the Host: the DERP port (-public-port, else -a's)."""
+    port = serve(build_port80_site(https_port=lambda: 8443))
+    resp = await fetch(port, request("GET", "/x", host=host))
+    assert (resp.status, resp.get("location")) == (302, location)
 
 
 @pytest_twisted.ensureDeferred

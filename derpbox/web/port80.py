@@ -33,12 +33,14 @@ class _Port80Resource(Resource):
         challenge_responder: ChallengeResponder | None,
         main_resource: Resource | None = None,
         environ=None,
+        https_port: Callable[[], int] = lambda: 443,
     ) -> None:
         super().__init__()
         self._generate_204 = generate_204
         self._challenge_responder = challenge_responder
         self._main = main_resource
         self._environ = environ
+        self._https_port = https_port
 
     def render(self, request: server.Request) -> bytes:
         if request.path == b"/generate_204":
@@ -61,11 +63,17 @@ class _Port80Resource(Resource):
             and request.path == b"/"
             and debug_allowed(request, os.environ if self._environ is None else self._environ)
         ):
-            request.redirect(b"https://" + hosts[0] + b"/debug/")
+            request.redirect(self._https_origin(hosts[0]) + b"/debug/")
             return reply(request, b"")
-        # Like derper: Host verbatim (port included) plus the raw request URI.
-        request.redirect(b"https://" + hosts[0] + request.uri)
+        request.redirect(self._https_origin(hosts[0]) + request.uri)
         return reply(request, b"")
+
+    def _https_origin(self, host: bytes) -> bytes:
+        """The Host's name with the port clients reach DERP on (derper keeps port 80's own
+        port from the Host, which sends a browser to https://name:80)."""
+        name = host[: host.index(b"]") + 1] if host.startswith(b"[") and b"]" in host else host.rsplit(b":", 1)[0]
+        port = self._https_port()
+        return b"https://" + name + (b"" if port == 443 else b":%d" % port)
 
     def _acme_challenge(self, request: server.Request) -> bytes:
         token = request.path[len(_ACME_PREFIX) :].decode("latin-1")
@@ -82,6 +90,7 @@ def build_port80_site(
     challenge_responder: ChallengeResponder | None = None,
     main_resource: Resource | None = None,
     environ=None,
+    https_port: Callable[[], int] = lambda: 443,
 ) -> QuietSite:
     """Build the Site for the plain-HTTP port-80 listener.
 
@@ -94,4 +103,5 @@ def build_port80_site(
     """
     if generate_204_resource is None:
         generate_204_resource = Generate204Resource()
-    return QuietSite(_Port80Resource(generate_204_resource, challenge_responder, main_resource, environ))
+    return QuietSite(_Port80Resource(generate_204_resource, challenge_responder, main_resource, environ,
+                                     https_port))

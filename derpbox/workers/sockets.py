@@ -12,6 +12,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from ..bind_errors import NO_IPV6
+
 # Go's listen uses the system maximum too (net.core.somaxconn).
 BACKLOG = socket.SOMAXCONN
 
@@ -59,8 +61,11 @@ def udp_sockets(host: str, port: int) -> list[socket.socket]:
     v4 = _udp(socket.AF_INET, "0.0.0.0", port)
     try:
         return [v4, _udp(socket.AF_INET6, "::", v4.getsockname()[1], v6only=True)]
-    except OSError:
-        return [v4]
+    except OSError as e:
+        if e.errno in NO_IPV6:
+            return [v4]  # a host without IPv6: STUN over IPv4 only, as the single process
+        v4.close()
+        raise
 
 
 def _udp(family: int, host: str, port: int, v6only: bool = False) -> socket.socket:

@@ -20,7 +20,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from ..keys import load_or_create_key
+from ..bind_errors import ListenError, listen_error
+from ..keys import KeyFileError, load_or_create_key
 from ..tls.certs import ensure_ip_self_signed
 from .context import ENV, WorkerContext
 from .sockets import InheritedSocket, tcp_listener, udp_sockets
@@ -83,14 +84,24 @@ class Supervisor:
         s = self.settings
         first = self._sockets[0] if index else None
         port = (lambda name, wanted: _bound_port(first, name) if first else wanted)
-        opened = [(tcp_listener(s.listen_host, port("main", s.listen_port)), "main")]
-        if s.use_tls and s.http_port >= 0:
-            opened.append((tcp_listener(s.listen_host, port("port80", s.http_port)), "port80"))
-        if s.stun:
-            opened += [(sock, f"stun{i}") for i, sock in
-                       enumerate(udp_sockets(s.listen_host, port("stun0", s.stun_port)))]
-        if s.metrics_listen is not None and index == 0:
-            opened.append((tcp_listener(*s.metrics_listen), "metrics"))
+        opened = []
+        try:
+            opened.append((_open(tcp_listener, "DERP", s.listen_host, port("main", s.listen_port)), "main"))
+            if s.use_tls and s.http_port >= 0:
+                opened.append((_open(tcp_listener, "HTTP (port 80)", s.listen_host, port("port80", s.http_port)),
+                               "port80"))
+            if s.stun:
+                opened += [(sock, f"stun{i}") for i, sock in
+                           enumerate(_open(udp_sockets, "STUN", s.listen_host, port("stun0", s.stun_port)))]
+            if s.metrics_listen is not None and index == 0:
+                opened.append((_open(tcp_listener, "metrics", *s.metrics_listen), "metrics"))
+        except ListenError:
+            for sock, _ in opened:
+                sock.close()
+            for sockets in self._sockets:
+                for sock, _ in sockets:
+                    sock.close()
+            raise
         return opened
 
     def inherited(self, index: int) -> tuple[InheritedSocket, ...]:
@@ -164,6 +175,14 @@ class Supervisor:
         log.info("supervisor: every worker stopped")
 
 
+def _open(opener, what: str, host: str, port: int):
+    """``opener(host, port)``, its OSError as the one line naming the listener."""
+    try:
+        return opener(host, port)
+    except OSError as e:
+        raise listen_error(what, host, port, "udp" if opener is udp_sockets else "tcp", e) from None
+
+
 def _bound_port(sockets: list, name: str) -> int:
     return next(sock.getsockname()[1] for sock, n in sockets if n == name)
 
@@ -175,7 +194,10 @@ def run(settings, argv: list[str], environ, count: int) -> int:
 
     try:
         supervisor = Supervisor(settings, argv, environ, reactor, count)
-    except OSError as e:
+    except ListenError as e:
+        log.critical("cannot start: {error}", error=str(e))
+        return 1
+    except (KeyFileError, OSError) as e:
         log.critical("cannot start: {error}", error=str(e))
         return 2
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(supervisor.reload))
