@@ -10,6 +10,7 @@ import signal
 import threading
 
 from nacl.public import PrivateKey
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
@@ -29,6 +30,8 @@ from .mesh.peers import MeshService
 from .mesh.spec import MeshPeerSpec
 from .metrics import Metrics
 from .relay.relay import Relay
+from .relay.summary import INTERVAL as SUMMARY_INTERVAL
+from .relay.summary import TrafficSummary
 from .stun_server import STUNService, STUNStats
 from .tls.acme import AcmeCertificateSource, AcmeFollower, default_directory
 from .tls.certs import CertificateError, CertifiedKey, ManualCertificateSource
@@ -232,6 +235,9 @@ class DerpboxService(MultiService):
             admission=self.admission,
             worker_mesh_key=worker.mesh_key if worker is not None else None,
         )
+        summary = TimerService(SUMMARY_INTERVAL, TrafficSummary(self.relay.stats, reactor).report)
+        summary.clock = reactor
+        summary.setServiceParent(self)
         self.cert_source = build_cert_source(settings, reactor, worker) if settings.use_tls else None
         self.mesh = self._mesh_service(private_key, serve.mesh_key)
         self.stun_stats = STUNStats()

@@ -14,17 +14,34 @@ done
 if [ "$missing" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # Installing must not start the packaged services (they would take :80, :9090).
+    created_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
         chmod +x /usr/sbin/policy-rc.d
+        created_policy=1
     fi
     apt-get update -q
     apt-get install -y -q --no-install-recommends prometheus pebble haproxy nginx libnginx-mod-stream
+    if [ "$created_policy" = 1 ]; then
+        rm -f /usr/sbin/policy-rc.d
+    fi
 fi
-python3 -m pip install --quiet -e '.[test]'
+# The tests start their own instances on loopback: the packages' services stay off at boot.
+if [ "$(id -u)" = 0 ]; then
+    for unit in prometheus prometheus-node-exporter haproxy nginx; do
+        if command -v systemctl >/dev/null; then
+            systemctl disable --quiet "$unit" 2>/dev/null || true
+        fi
+        if command -v update-rc.d >/dev/null && [ -e "/etc/init.d/$unit" ]; then
+            update-rc.d "$unit" disable >/dev/null 2>&1 || true
+        fi
+    done
+fi
+DERPBOX_EXTRAS=test
+. scripts/venv.sh
 # Tailscale's own derper (built unmodified, beside the checkout) for the mesh interop tests.
 if [ -z "${DERPER_BIN:-}" ] && [ -x ../shared/goref/derper ]; then
     DERPER_BIN="$(realpath ../shared/goref/derper)"
     export DERPER_BIN
 fi
-exec python3 -m pytest "$@"
+exec .venv/bin/python -m pytest "$@"

@@ -657,3 +657,44 @@ def test_a_key_on_another_worker_and_another_node_is_not_remote():
     assert relay.client_counts() == (0, 1)
     relay.add_forwarder(key, WorkerForwarder("worker1"))
     assert relay.client_counts() == (0, 0)  # the other worker counts it as the node's own
+
+
+def test_a_connection_is_logged_when_it_comes_and_goes(relay, log_lines):
+    a, ca, ka = connect(relay)
+    b, cb, kb = connect(relay)
+    send(a, pub(kb), b"x" * 100)
+    relay.flush()
+    relay.clock.advance(2.5)
+    a.connection_lost("connection lost: reset by peer")
+    b.close()
+    [came] = [line for line in log_lines if line.endswith(" connected") and pub(ka).hex()[:8] in line]
+    assert came.startswith(f"<Peer {pub(ka).hex()[:8]} 192.0.2.1:4242 ")
+    gone = [line for line in log_lines if "disconnected" in line]
+    # ClientInfo and the SendPacket frame in (a's 137 = 5 + 32 + 100 bytes of frame, plus its handshake).
+    assert gone[0].startswith(f"<Peer {pub(ka).hex()[:8]} 192.0.2.1:4242 closed> disconnected after 2.5 s, ")
+    assert gone[0].endswith(" out: connection lost: reset by peer")
+    assert f", {a.bytes_in} bytes in, {a.bytes_out} out" in gone[0] and a.bytes_in > 137
+    assert gone[1].endswith(": closed by the server") and b.bytes_out >= 5 + 32 + 100
+
+
+def test_the_traffic_summary_says_what_happened_and_stays_quiet_when_idle(relay):
+    from derpbox.relay.summary import TrafficSummary
+
+    summary = TrafficSummary(relay.stats, relay.clock)
+    assert summary.line() is None  # nothing connected, nothing happened
+    a, ca, ka = connect(relay)
+    b, cb, kb = connect(relay)
+    for _ in range(3):
+        send(a, pub(kb), b"hello")
+    send(a, pub(PrivateKey.generate()), b"nowhere")
+    relay.flush()
+    relay.clock.advance(60)
+    assert summary.line() == ("last 60 s: 2 connections (0 new), 4 packets received, 3 sent, "
+                              "0 forwarded out, 0 in; dropped 1 (unknown_dest 1)")
+    relay.clock.advance(60)
+    assert summary.line() == ("last 60 s: 2 connections (0 new), 0 packets received, 0 sent, "
+                              "0 forwarded out, 0 in; none dropped")
+    a.connection_lost()
+    b.connection_lost()
+    relay.clock.advance(60)
+    assert summary.line() is None

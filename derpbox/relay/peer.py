@@ -76,6 +76,8 @@ class Peer:
         "not_ideal",
         "preferred",
         "connected_at",
+        "bytes_in",
+        "bytes_out",
         "dirty",
         "paused",
         "disco_q",
@@ -106,6 +108,9 @@ class Peer:
         self.not_ideal = not_ideal
         self.preferred = False
         self.connected_at = 0.0
+        # DERP bytes (frames, TLS and WebSocket framing excluded), for the disconnect line.
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.dirty = False
         self.paused = False
         # Lists, not deques: an empty deque costs ~600 bytes per idle connection
@@ -154,7 +159,7 @@ class Peer:
         # Identical reasons (a scanner repeating itself) are folded into one line a minute.
         self.relay.noise.info(reason, "closing {peer}: {reason}", peer=self, reason=reason)
         self.conn.abort()
-        self.connection_lost()
+        self.connection_lost(reason)
 
     def close(self) -> None:
         """Close after writing what is queued (used by ClosePeer and shutdown)."""
@@ -162,9 +167,9 @@ class Peer:
             return
         self._flush()
         self.conn.close()
-        self.connection_lost()
+        self.connection_lost("closed by the server")
 
-    def connection_lost(self) -> None:
+    def connection_lost(self, reason: str = "closed by the client") -> None:
         if self.state == CLOSED:
             return
         was_active = self.state == ACTIVE
@@ -172,6 +177,9 @@ class Peer:
         self._cancel_timers()
         self._held = b""
         if was_active:
+            log.debug("{peer} disconnected after {duration:.1f} s, {bytes_in} bytes in, {bytes_out} out: {reason}",
+                      peer=self, duration=self.relay.clock.seconds() - self.connected_at, bytes_in=self.bytes_in,
+                      bytes_out=self.bytes_out, reason=reason)
             self.relay.unregister(self)
             self.relay.flush()
 
@@ -184,6 +192,7 @@ class Peer:
     # -- input -----------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         if self.state == HANDSHAKE:
             data = self._feed_handshake(data)
             if not data:
@@ -271,6 +280,8 @@ class Peer:
         self.state = ACTIVE
         self.connected_at = self.relay.clock.seconds()
         self.relay.register(self)
+        log.debug("{peer} connected{kind}", peer=self,
+                  kind=" (another worker)" if self.is_worker else " (mesh peer)" if self.is_mesh else "")
         self.conn.write(self.relay.handshake.server_info_frame(box))
         # Registering queued PeerPresent for mesh watchers; send it now.
         self.relay.flush()
@@ -393,6 +404,7 @@ class Peer:
             data = b"".join(parts)
         else:
             return
+        self.bytes_out += len(data)
         self.conn.write(data)
 
     def flush_if_writable(self) -> None:

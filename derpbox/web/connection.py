@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -119,7 +120,8 @@ class FrontConnection(Protocol):
             self._timer.cancel()
             self._timer = None
         if self._peer is not None:
-            self._peer.connection_lost()
+            self._peer.connection_lost("closed by the client" if reason.check(ConnectionDone)
+                                       else f"connection lost: {reason.getErrorMessage()}")
             self.transport.unregisterProducer()
             self._stream.detach()
         elif self._web is not None:

@@ -116,5 +116,5 @@ class WebSocketStream(_Stream):
                 self.transport.write(encode_pong(event.payload))
             elif isinstance(event, Close):
                 self.close()
-                peer.connection_lost()
+                peer.connection_lost("WebSocket closed by the client")
                 return
