@@ -300,3 +300,18 @@ def test_mesh_variant_meshes_two_nodes_by_service_name():
     assert nodes["derpbox-2"].stun_port == 3479 and nodes["derpbox-2"].http_port == -1
     volumes = [doc["services"][n]["volumes"][0].split(":")[0] for n in nodes]
     assert len(set(volumes)) == 2 and set(volumes) <= set(doc["volumes"])
+
+
+def test_every_variant_keeps_the_node_in_one_named_volume_and_reads_the_one_env():
+    """Switching variants keeps the node key and pinned certificate, and .env is the same file."""
+    for path in [COMPOSE / "docker-compose.yml", *sorted(COMPOSE.glob("*/docker-compose.yml"))]:
+        doc = yaml.safe_load(path.read_text())
+        first = next(name for name, svc in doc["services"].items() if "derpbox" in str(svc.get("image", "")))
+        mounts = doc["services"][first]["volumes"]
+        assert "derpbox-data:/var/lib/derpbox" in mounts, path
+        assert doc["volumes"]["derpbox-data"] == {"name": "derpbox-data"}, path
+        env_files = doc["services"][first]["env_file"]
+        assert [e["path"] for e in env_files] == [".env" if path.parent == COMPOSE else "../.env"], path
+        if path.parent != COMPOSE:
+            link = path.parent / ".env"
+            assert link.is_symlink() and os.readlink(link) == "../.env", f"{link}: Compose's ${{...}} reads it"

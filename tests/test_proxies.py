@@ -228,6 +228,7 @@ def nginx(tmp_path_factory, ports, web_backend):
         TLS_LISTEN=f"127.0.0.1:{tls}", HTTP_LISTEN=f"127.0.0.1:{http}",
         DERP_BACKEND=f"127.0.0.1:{ports['derp_tls']}", DERP_HTTP_BACKEND=f"127.0.0.1:{ports['derp_http']}",
         WEB_BACKEND=f"127.0.0.1:{ports['web_tls']}", WEB_RELAY=f"127.0.0.1:{free_port()}",
+        NO_WEB_LISTEN=f"unix:{d}/no-web.sock",
     ))
     base = [exe, "-p", str(d), "-c", str(cfg), "-e", "stderr"]
     check = subprocess.run(base + ["-t"], capture_output=True, text=True)
@@ -369,3 +370,66 @@ def test_tailcat_through_proxy_and_real_source_in_admission_and_log(proxy, reque
         assert any("from 127.0.0.4 rejected by url check" in line for line in log_lines), log_lines[-5:]
     finally:
         yield hs.stop()
+
+
+# -- the compose variants' proxy configurations as shipped, without a web service ----------
+
+
+def shipped_environment(variant: str, service: str) -> dict[str, str]:
+    """The proxy service's environment from compose/<variant>/docker-compose.yml, with every
+    ${NAME:-default} at its default (no .env) and DERP_DOMAIN set."""
+    doc = yaml.safe_load((REPO / "compose" / variant / "docker-compose.yml").read_text())
+    env = {}
+    for name, value in doc["services"][service]["environment"].items():
+        value = str(value)
+        match = re.fullmatch(r"\$\{([A-Z_]+)(?::-([^}]*)|:\?[^}]*)\}", value)
+        env[name] = (match[2] or "") if match else value
+    env["DERP_DOMAIN"] = DERP
+    return env
+
+
+def test_haproxy_as_shipped_starts_without_a_web_service(tmp_path):
+    exe = need("haproxy", "apt-get install haproxy")
+    env = shipped_environment("haproxy", "haproxy")
+    assert (env["WEB_BACKEND"], env["WEB_HTTP_BACKEND"]) == ("web:443", "web:80")
+    tls, http = free_port(), free_port()
+    env.update(TLS_BIND=f"127.0.0.1:{tls}", HTTP_BIND=f"127.0.0.1:{http}",
+               DERP_BACKEND="127.0.0.1:1", DERP_HTTP_BACKEND="127.0.0.1:1")
+    template = REPO / "compose" / "haproxy" / "haproxy.cfg"
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", template.read_text()))
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(render(template, **{k: env[k] for k in used}))
+    check = subprocess.run([exe, "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Running, the unresolvable web server is down and another name gets no site, not a crash.
+    log = tmp_path / "haproxy.log"
+    with running([exe, "-db", "-f", str(cfg)], log, lambda proc: wait_ports(proc, log, tls, http)):
+        resp = plain_request(http, b"GET / HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n")
+        assert resp.startswith(b"HTTP/1.1 503 ")
+
+
+def test_nginx_as_shipped_starts_without_a_web_service(tmp_path):
+    exe = need("nginx", "apt-get install nginx libnginx-mod-stream")
+    env = shipped_environment("nginx", "nginx")
+    assert env["WEB_BACKEND"] == env["NO_WEB_LISTEN"]  # no web backend until one is configured
+    tls, http = free_port(), free_port()
+    tmp_path.chmod(0o755)
+    env.update(NGINX_LOAD_STREAM=f"load_module {NGINX_STREAM_MODULE};", PID_FILE=str(tmp_path / "nginx.pid"),
+               TLS_LISTEN=f"127.0.0.1:{tls}", HTTP_LISTEN=f"127.0.0.1:{http}",
+               DERP_BACKEND="127.0.0.1:1", DERP_HTTP_BACKEND="127.0.0.1:1",
+               # The shipped unix paths, moved into this test's directory.
+               **{k: env[k].replace("/var/run/", f"{tmp_path}/") for k in ("WEB_BACKEND", "NO_WEB_LISTEN", "WEB_RELAY")})
+    cfg = tmp_path / "nginx.conf"
+    cfg.write_text(render(REPO / "compose" / "nginx" / "nginx.conf", **{k: env[k] for k in (
+        "NGINX_LOAD_STREAM", "PID_FILE", "DERP_DOMAIN", "TLS_LISTEN", "HTTP_LISTEN", "DERP_BACKEND",
+        "DERP_HTTP_BACKEND", "WEB_BACKEND", "WEB_RELAY", "NO_WEB_LISTEN")}))
+    base = [exe, "-p", str(tmp_path), "-c", str(cfg), "-e", "stderr"]
+    check = subprocess.run(base + ["-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = tmp_path / "nginx.log"
+    with running(base, log, lambda proc: wait_ports(proc, log, tls, http)):
+        # Another name's TLS connection is closed without an answer: no site, no crash.
+        with socket.create_connection(("127.0.0.1", tls), timeout=5) as raw:
+            ctx = ssl.create_default_context()
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                ctx.wrap_socket(raw, server_hostname="other.example")
