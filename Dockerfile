@@ -4,7 +4,10 @@
 #     --sysctl net.ipv4.ip_unprivileged_port_start=0 -v derpbox:/var/lib/derpbox derpbox
 # The server runs as UID/GID 10001; ports 443 and 80 need the sysctl above
 # (set in compose/*.yml), or map them to high ports and set DERP_ADDR/DERP_HTTP_PORT.
-FROM python:3.11.11-slim-bookworm
+# The base is a build argument so an offline CI can build on a local Debian image
+# (tests/container.py); the public default is what everyone else gets.
+ARG BASE=python:3.11.11-slim-bookworm
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -16,7 +19,7 @@ WORKDIR /app
 # Dependencies and package first; the entrypoint changes more often.
 COPY pyproject.toml README.md ./
 COPY derpbox ./derpbox
-RUN pip install --no-cache-dir . \
+RUN python3 -m pip install --no-cache-dir . \
     && groupadd --system --gid 10001 derpbox \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/derpbox \
        --no-create-home --shell /usr/sbin/nologin derpbox \
@@ -40,7 +43,7 @@ USER 10001:10001
 
 # Through the entrypoint so DERP_EXTRA_ARGS applies to the check as to the server.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["python", "/app/entrypoint.py", "healthcheck"]
+    CMD ["python3", "/app/entrypoint.py", "healthcheck"]
 
 # Exec form; entrypoint.py execs derpbox, which is then PID 1 and receives SIGTERM.
-ENTRYPOINT ["python", "/app/entrypoint.py"]
+ENTRYPOINT ["python3", "/app/entrypoint.py"]

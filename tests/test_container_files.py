@@ -87,8 +87,10 @@ def test_hadolint_passes():
 
 
 def test_base_image_is_pinned_python_311_slim():
-    image = only("FROM")
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", image), image
+    """A build argument (CI builds on a local Debian image), with the public image as default."""
+    assert only("FROM") == "${BASE}"
+    name, _, default = only("ARG").partition("=")
+    assert name == "BASE" and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", default), default
 
 
 def test_env_defaults_keep_key_and_certs_in_the_volume():
@@ -115,13 +117,13 @@ def test_runs_as_numeric_non_root_user():
 def test_healthcheck_runs_derpbox_healthcheck_in_exec_form():
     args = only("HEALTHCHECK")
     options, _, command = args.partition(" CMD ")
-    assert json.loads(command) == ["python", "/app/entrypoint.py", "healthcheck"]
+    assert json.loads(command) == ["python3", "/app/entrypoint.py", "healthcheck"]
     for option in ("--interval=", "--timeout=", "--start-period=", "--retries="):
         assert option in options
 
 
 def test_entrypoint_exec_form_and_copied():
-    assert json.loads(only("ENTRYPOINT")) == ["python", "/app/entrypoint.py"]
+    assert json.loads(only("ENTRYPOINT")) == ["python3", "/app/entrypoint.py"]
     assert ("COPY", "entrypoint.py /app/entrypoint.py") in instructions()
     assert "CMD" not in [kw for kw, _ in instructions()]
 

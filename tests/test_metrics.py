@@ -434,7 +434,9 @@ def test_port80_debug_uses_main_site_and_acl(start_server):
     assert status == 200 and b"# TYPE derp_accepts counter" in body
     status, _, body = yield get(p80, "/debug/varz", headers={"X-Forwarded-For": "198.51.100.9"})
     assert (status, body) == (403, b"debug access denied\n")
+    # The redirects point at the DERP port (ephemeral here), not port 80's.
+    origin = f"https://derp.example.com:{server.service.derp_port}"
     status, headers, _ = yield get(p80, "/", headers={"Host": "derp.example.com"})
-    assert status == 302 and headers["location"] == "https://derp.example.com/debug/"
+    assert status == 302 and headers["location"] == f"{origin}/debug/"
     status, headers, _ = yield get(p80, "/", headers={"Host": "derp.example.com", "X-Forwarded-For": "1.2.3.4"})
-    assert status == 302 and headers["location"] == "https://derp.example.com/"
+    assert status == 302 and headers["location"] == f"{origin}/"

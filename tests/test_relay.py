@@ -668,10 +668,10 @@ def test_a_connection_is_logged_when_it_comes_and_goes(relay, log_lines):
     a.connection_lost("connection lost: reset by peer")
     b.close()
     [came] = [line for line in log_lines if line.endswith(" connected") and pub(ka).hex()[:8] in line]
-    assert came.startswith(f"<Peer {pub(ka).hex()[:8]} 192.0.2.1:4242 ")
+    assert came == f"client {pub(ka).hex()[:8]} from 192.0.2.1:4242 connected"
     gone = [line for line in log_lines if "disconnected" in line]
     # ClientInfo and the SendPacket frame in (a's 137 = 5 + 32 + 100 bytes of frame, plus its handshake).
-    assert gone[0].startswith(f"<Peer {pub(ka).hex()[:8]} 192.0.2.1:4242 closed> disconnected after 2.5 s, ")
+    assert gone[0].startswith(f"client {pub(ka).hex()[:8]} from 192.0.2.1:4242 disconnected after 2.5 s, ")
     assert gone[0].endswith(" out: connection lost: reset by peer")
     assert f", {a.bytes_in} bytes in, {a.bytes_out} out" in gone[0] and a.bytes_in > 137
     assert gone[1].endswith(": closed by the server") and b.bytes_out >= 5 + 32 + 100

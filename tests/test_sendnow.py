@@ -10,7 +10,9 @@ import ssl
 
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from derpbox.tls.certs import ManualCertificateSource
 from derpbox.tls.context import ServerTLS
@@ -19,10 +21,11 @@ from derpbox.tls.transport import server_tls_factory
 from .certs import make_cert
 
 
+@implementer(IHandshakeListener)
 class Held(Protocol):
-    """The server side: kept so the test can write to it."""
+    """The server side: kept, once its TLS handshake is done, so the test can write to it."""
 
-    def connectionMade(self):
+    def handshakeCompleted(self):
         self.factory.connections.append(self)
 
 
@@ -74,6 +77,7 @@ def test_tls_records_reach_the_socket_in_the_writing_call(tmp_path):
     try:
         client = yield threads.deferToThread(Client, port.getHost().port)
         yield threads.deferToThread(client.handshake)
+        # Until the server has the client's Finished, its writes would wait for a read.
         while not factory.connections:
             yield threads.deferToThread(lambda: None)
         server = factory.connections[0]

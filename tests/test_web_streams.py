@@ -36,8 +36,8 @@ class FakePeer:
     def fail(self, reason):
         self.failed = reason
 
-    def connection_lost(self):
-        self.lost = True
+    def connection_lost(self, reason="closed by the client"):
+        self.lost = reason
 
 
 class RecordingTransport(StringTransport):
@@ -106,7 +106,7 @@ def test_websocket_stream_answers_ping_and_close():
     pong, close = server_messages(transport.value())
     assert isinstance(pong, Pong) and pong.payload == b"hi"
     assert isinstance(close, Close) and close.code == 1000
-    assert peer.lost and transport.calls == ["unregisterProducer", "loseConnection"]
+    assert peer.lost == "WebSocket closed by the client" and transport.calls == ["unregisterProducer", "loseConnection"]
 
 
 def test_websocket_stream_close_sends_1000_then_closes_like_the_raw_stream():

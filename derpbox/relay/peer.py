@@ -136,6 +136,11 @@ class Peer:
         key = self.key.hex()[:8] if self.key else "?"
         return f"<Peer {key} {self.remote[0]}:{self.remote[1]} {self.state}>"
 
+    def describe(self) -> str:
+        """For log lines: the key's first hex digits and the client's address."""
+        host, port = self.remote[0], self.remote[1]
+        return f"client {self.key.hex()[:8] if self.key else '?'} from {f'[{host}]' if ':' in host else host}:{port}"
+
     # -- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
@@ -177,9 +182,10 @@ class Peer:
         self._cancel_timers()
         self._held = b""
         if was_active:
-            log.debug("{peer} disconnected after {duration:.1f} s, {bytes_in} bytes in, {bytes_out} out: {reason}",
-                      peer=self, duration=self.relay.clock.seconds() - self.connected_at, bytes_in=self.bytes_in,
-                      bytes_out=self.bytes_out, reason=reason)
+            # Strings, not the peer: a log buffer must not keep a closed connection alive.
+            log.debug("{who} disconnected after {duration:.1f} s, {bytes_in} bytes in, {bytes_out} out: {reason}",
+                      who=self.describe(), duration=self.relay.clock.seconds() - self.connected_at,
+                      bytes_in=self.bytes_in, bytes_out=self.bytes_out, reason=reason)
             self.relay.unregister(self)
             self.relay.flush()
 
@@ -280,7 +286,7 @@ class Peer:
         self.state = ACTIVE
         self.connected_at = self.relay.clock.seconds()
         self.relay.register(self)
-        log.debug("{peer} connected{kind}", peer=self,
+        log.debug("{who} connected{kind}", who=self.describe(),
                   kind=" (another worker)" if self.is_worker else " (mesh peer)" if self.is_mesh else "")
         self.conn.write(self.relay.handshake.server_info_frame(box))
         # Registering queued PeerPresent for mesh watchers; send it now.
