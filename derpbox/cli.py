@@ -37,7 +37,7 @@ def serve(argv: list[str], environ=os.environ) -> int:
     if worker is None and count > 1:
         return supervisor.run(settings, argv, environ, count)
     if worker is not None:
-        die_with_parent()
+        die_with_parent(worker.supervisor)
     for flag in settings.not_yet_supported():
         log.warn("{flag} is accepted for compatibility with derper but not supported by this "
                  "version of derpbox: it has no effect", flag=flag)

@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: Prometheus and promtool, the Pebble ACME CA, HAProxy, Nginx with
-# the stream module (libnginx-mod-stream has no command, so check its module file).
+# the stream module (libnginx-mod-stream has no command, so check its module file), and
+# podman with runc and mmdebstrap to build and run the image (tests/container.py).
 missing=0
-for cmd in promtool prometheus pebble pebble-challtestsrv haproxy nginx; do
+for cmd in promtool prometheus pebble pebble-challtestsrv haproxy nginx podman runc mmdebstrap; do
     command -v "$cmd" >/dev/null || missing=1
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1
@@ -22,6 +23,8 @@ if [ "$missing" = 1 ]; then
     fi
     apt-get update -q
     apt-get install -y -q --no-install-recommends prometheus pebble haproxy nginx libnginx-mod-stream
+    # With its recommends: netavark, aardvark-dns and iptables publish the containers' ports.
+    apt-get install -y -q podman runc mmdebstrap
     if [ "$created_policy" = 1 ]; then
         rm -f /usr/sbin/policy-rc.d
     fi

@@ -23,6 +23,7 @@ class WorkerContext:
     sockets: tuple[InheritedSocket, ...]
     mesh_dir: str  # the workers' internal DERP listeners: <mesh_dir>/worker<i>.sock
     mesh_key: bytes  # the internal mesh key, made up by the supervisor; nobody configures it
+    supervisor: int  # the supervisor's pid (PID 1 in a container)
 
     def socket(self, name: str) -> InheritedSocket | None:
         return next((s for s in self.sockets if s.name == name), None)
@@ -35,7 +36,7 @@ class WorkerContext:
 
     def encode(self) -> str:
         return json.dumps({"index": self.index, "count": self.count, "sockets": [s.text() for s in self.sockets],
-                           "mesh_dir": self.mesh_dir, "mesh_key": self.mesh_key.hex()})
+                           "mesh_dir": self.mesh_dir, "mesh_key": self.mesh_key.hex(), "supervisor": self.supervisor})
 
 
 def from_environ(environ: Mapping[str, str]) -> WorkerContext | None:
@@ -44,4 +45,4 @@ def from_environ(environ: Mapping[str, str]) -> WorkerContext | None:
         return None
     data = json.loads(text)
     return WorkerContext(data["index"], data["count"], tuple(InheritedSocket.parse(s) for s in data["sockets"]),
-                         data["mesh_dir"], bytes.fromhex(data["mesh_key"]))
+                         data["mesh_dir"], bytes.fromhex(data["mesh_key"]), data["supervisor"])

@@ -38,11 +38,12 @@ def _cgroup_quota(root: Path) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def die_with_parent() -> None:
-    """SIGTERM this process when its parent (the supervisor) dies, even by SIGKILL: an
-    orphaned worker would keep the node's port open with nobody restarting it."""
+def die_with_parent(supervisor: int) -> None:
+    """SIGTERM this process when its parent, the supervisor (pid ``supervisor``), dies, even
+    by SIGKILL: an orphaned worker would keep the node's port open with nobody restarting it."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:
-        # The supervisor died before the call above took effect.
+    if os.getppid() != supervisor:
+        # The supervisor died before the call above took effect (and in a container it is
+        # PID 1 itself, so "reparented to 1" says nothing).
         os.kill(os.getpid(), signal.SIGTERM)

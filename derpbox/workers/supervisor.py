@@ -118,7 +118,7 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         self._pending.pop(index, None)
-        context = WorkerContext(index, self.count, self.inherited(index), self.mesh_dir, self.mesh_key)
+        context = WorkerContext(index, self.count, self.inherited(index), self.mesh_dir, self.mesh_key, os.getpid())
         env = dict(self.environ, **{ENV: context.encode()})
         child_fds = {0: "w", 1: 1, 2: 2}
         child_fds.update({3 + i: sock.fileno() for i, (sock, _) in enumerate(self._sockets[index])})
