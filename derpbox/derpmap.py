@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 
 from .config import DEFAULT_HOSTNAME, ConfigError, Settings, UsageRequested, load_settings
 from .protocol.stun import DEFAULT_STUN_PORT
-from .tls.certs import CertificateError, CertifiedKey, cert_paths, load_certified_key
+from .tls.certs import CertificateError, CertifiedKey, cert_paths, ensure_ip_self_signed, load_certified_key
 from .tls.pins import PIN_PREFIX
 
 # A node without DERPPort is reached on this port (tailcfg.DERPNode).
@@ -341,6 +341,9 @@ the server created in -certdir.
   --omit-default-regions   use only this relay, not Tailscale's DERP regions
   --node FILE              add the region's other nodes (meshed with this one): FILE is their
                            `derpbox derpmap --format json` (or one node object); repeatable
+  --new-ip-cert            for an IP -hostname: create the self-signed certificate in -certdir
+                           if it has none, as the server would (to rotate it: an empty -certdir,
+                           then move the files over the old ones when the map has the new pin)
 """
 
 
@@ -355,7 +358,8 @@ def _bool(text: str) -> bool:
 
 def split_args(argv: list[str]) -> tuple[dict, list[str]]:
     """Separate derpmap's own options from the derper flags (returned in order)."""
-    options = {"format": "tailscale", "omit_default_regions": False, "help": False, "nodes": []}
+    options = {"format": "tailscale", "omit_default_regions": False, "help": False, "nodes": [],
+               "new_ip_cert": False}
     rest: list[str] = []
     args = list(argv)
     while args:
@@ -380,6 +384,8 @@ def split_args(argv: list[str]) -> tuple[dict, list[str]]:
                     raise ConfigError("--node needs a file: the other node's `derpbox derpmap --format json`")
                 value = args.pop(0)
             options["nodes"].append(value)
+        elif name == "new-ip-cert" and not eq:
+            options["new_ip_cert"] = True
         elif name == "omit-default-regions":
             options["omit_default_regions"] = _bool(value) if eq else True
         elif name in ("h", "help") and not eq:
@@ -398,6 +404,10 @@ def derpmap_main(argv: list[str], environ: Mapping[str, str], stdout=None, stder
             stdout.write(USAGE)
             return 0
         settings = load_settings(flags, environ)
+        if options["new_ip_cert"]:
+            if not settings.hostname_is_ip:
+                raise ConfigError(f"--new-ip-cert: -hostname {settings.hostname!r} is not an IP address")
+            ensure_ip_self_signed(settings.certdir, settings.hostname)
         others = [node for path in options["nodes"] for node in read_nodes(path)]
         text = render(settings, options["format"], options["omit_default_regions"], other_nodes=others)
     except UsageRequested:

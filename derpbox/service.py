@@ -36,6 +36,8 @@ from .stun_server import STUNService, STUNStats
 from .tls.acme import AcmeCertificateSource, AcmeFollower, default_directory
 from .tls.certs import CertificateError, CertifiedKey, ManualCertificateSource
 from .tls.context import ServerTLS
+from .tls.expiry import CHECK_INTERVAL as EXPIRY_CHECK_INTERVAL
+from .tls.expiry import ExpiryWatch
 from .tls.stats import TLSStats
 from .tls.transport import server_tls_factory
 from .web.connection import FrontFactory
@@ -239,6 +241,12 @@ class DerpboxService(MultiService):
         summary.clock = reactor
         summary.setServiceParent(self)
         self.cert_source = build_cert_source(settings, reactor, worker) if settings.use_tls else None
+        if self.cert_source is not None:
+            watch = ExpiryWatch(self.cert_source, reactor,
+                                self_signed_ip=settings.hostname_is_ip and settings.certmode == "manual")
+            expiry = TimerService(EXPIRY_CHECK_INTERVAL, watch.check)
+            expiry.clock = reactor
+            expiry.setServiceParent(self)
         self.mesh = self._mesh_service(private_key, serve.mesh_key)
         self.stun_stats = STUNStats()
         self.tls_stats = TLSStats() if settings.use_tls else None

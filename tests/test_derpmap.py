@@ -29,7 +29,7 @@ from derpbox.derpmap import (
     render,
     split_args,
 )
-from derpbox.tls.certs import ensure_ip_self_signed, load_certified_key
+from derpbox.tls.certs import cert_paths, ensure_ip_self_signed, load_certified_key
 
 from .conftest import make_cert
 from .tailcat import Tailcat, needs_tailcat, ping
@@ -170,6 +170,27 @@ def test_ip_host_without_certificate_says_it_is_created_on_first_start(tmp_path)
     assert "first start" in err.getvalue()
 
 
+def test_new_ip_cert_makes_the_next_certificate_and_prints_its_pin(tmp_path):
+    """The rotation's first step: a new certificate in an empty directory, and its pin."""
+    flags = ["-hostname", "203.0.113.7", "-certmode", "manual", "-c", "/x/k", "--format", "json"]
+
+    def run(certdir):
+        out, err = io.StringIO(), io.StringIO()
+        rc = derpmap_main(["--new-ip-cert", "-certdir", str(certdir), *flags], {}, out, err)
+        assert rc == 0, err.getvalue()
+        return json.loads(out.getvalue())["Regions"]["900"]["Nodes"][0]["CertName"]
+
+    current, following = run(tmp_path / "certs"), run(tmp_path / "certs.next")
+    pins = {d: "sha256-raw:" + load_certified_key(*cert_paths(tmp_path / d, "203.0.113.7"), "203.0.113.7").sha256_hex
+            for d in ("certs", "certs.next")}
+    assert (current, following) == (pins["certs"], pins["certs.next"]) and current != following
+    assert run(tmp_path / "certs.next") == following  # an existing certificate is kept
+    out, err = io.StringIO(), io.StringIO()
+    assert derpmap_main(["--new-ip-cert", "-hostname", "derp.example.com", "-c", "/x/k", "-certdir", str(tmp_path)],
+                        {}, out, err) == 2
+    assert "is not an IP address" in err.getvalue()
+
+
 def test_ca_issued_ip_certificate_is_not_pinned(tmp_path):
     # A leaf + CA chain cannot be pinned (clients accept exactly one certificate under sha256-raw).
     make_cert(tmp_path / "certs", "203.0.113.7")
@@ -282,7 +303,8 @@ def test_unknown_format():
 def test_split_args_keeps_derper_flags_in_order():
     options, rest = split_args(["-hostname", "h.example", "--format", "headscale", "-a=:8443",
                                 "--omit-default-regions", "-http-port", "-1"])
-    assert options == {"format": "headscale", "omit_default_regions": True, "help": False, "nodes": []}
+    assert options == {"format": "headscale", "omit_default_regions": True, "help": False, "nodes": [],
+                       "new_ip_cert": False}
     assert rest == ["-hostname", "h.example", "-a=:8443", "-http-port", "-1"]
     options, rest = split_args(["-format=ionscale", "-omit-default-regions=false"])
     assert options["format"] == "ionscale" and options["omit_default_regions"] is False and rest == []

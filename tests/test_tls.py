@@ -558,3 +558,36 @@ def test_log_throttle_aggregates_per_key():
         "other reason",
         "bad SNI late (3 similar lines suppressed)",
     ]
+
+
+# -- the expiry warning ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("self_signed_ip, days_before, expected", [
+    (True, 40, None),
+    (True, 20, "warn"),
+    (False, 20, None),
+    (False, 10, "warn"),
+    (True, -1, "error"),
+])
+def test_the_log_warns_ahead_of_expiry(tmp_path, log_events, self_signed_ip, days_before, expected):
+    from twisted.internet.task import Clock
+
+    from derpbox.tls.expiry import ExpiryWatch
+
+    holder = CertificateHolder(ensure_ip_self_signed(tmp_path, "192.0.2.7"))
+    clock = Clock()
+    clock.advance(holder.current().not_after.timestamp() - days_before * 86400)
+    ExpiryWatch(holder, clock, self_signed_ip=self_signed_ip).check()
+    found = [e for e in log_events if e.get("log_namespace") == "derpbox.tls"]
+    if expected is None:
+        assert found == []
+        return
+    [event] = found
+    assert event["log_level"].name == expected
+    text = formatEvent(event)
+    if expected == "error":
+        assert "expired at" in text and "clients refuse this relay" in text
+    else:
+        assert f"expires in {days_before} days" in text
+        assert ("update the DERP map's pin" in text) == self_signed_ip

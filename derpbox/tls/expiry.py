@@ -1,0 +1,55 @@
+"""A warning in the log well before the served certificate expires.
+
+ACME renews by itself 30 days ahead, so its certificate only gets here when renewal keeps
+failing. A manual certificate is the operator's to replace; an IP-only node's
+self-signed one too, and its ``sha256-raw:`` pin changes with it, so the DERP map must be
+updated at the same time: that needs warning a month ahead (the README's "Rotating an IP
+node's certificate" says how).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from twisted.logger import Logger
+
+from .certs import CertificateSource
+
+log = Logger(namespace="derpbox.tls")
+
+CHECK_INTERVAL = 6 * 3600.0
+DAY = 86400.0
+SELF_SIGNED_WARNING_DAYS = 30
+WARNING_DAYS = 14
+
+
+class ExpiryWatch:
+    def __init__(self, source: CertificateSource, clock, self_signed_ip: bool):
+        self.source = source
+        self.clock = clock
+        self.self_signed_ip = self_signed_ip
+
+    def days_left(self) -> float | None:
+        current = self.source.current()
+        if current is None:
+            return None
+        return (current.not_after.timestamp() - self.clock.seconds()) / DAY
+
+    def check(self) -> None:
+        days = self.days_left()
+        if days is None:
+            return
+        ahead = SELF_SIGNED_WARNING_DAYS if self.self_signed_ip else WARNING_DAYS
+        if days >= ahead:
+            return
+        when = datetime.datetime.fromtimestamp(self.source.current().not_after.timestamp(), datetime.timezone.utc)
+        what = ("the self-signed IP certificate (its sha256-raw pin is in the DERP map)" if self.self_signed_ip
+                else "the TLS certificate")
+        if days <= 0:
+            log.error("{what} expired at {when:%Y-%m-%d %H:%M} UTC: clients refuse this relay until it is replaced",
+                      what=what, when=when)
+            return
+        advice = ("make the next one and update the DERP map's pin with it (README: \"Rotating an IP node's "
+                  "certificate\")" if self.self_signed_ip else "replace it, or see why renewal fails")
+        log.warn("{what} expires in {days:.0f} days ({when:%Y-%m-%d %H:%M} UTC): {advice}",
+                 what=what, days=days, when=when, advice=advice)
