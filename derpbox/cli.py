@@ -12,6 +12,7 @@ from . import __version__
 from .config import ConfigError, UsageRequested, load_settings
 from .keys import KeyFileError
 from .logs import start_logging
+from .oslimits import raise_open_files
 from .workers import supervisor
 from .workers.context import from_environ
 from .workers.host import available_cpus, die_with_parent
@@ -34,6 +35,11 @@ def serve(argv: list[str], environ=os.environ) -> int:
     worker = from_environ(environ)
     count = settings.workers or available_cpus()
     start_logging(settings.log_level, settings.log_format, worker=worker.index if worker else None)
+    if worker is None:
+        # Workers inherit the raised limit from the supervisor.
+        before, after = raise_open_files()
+        log.info("open files: up to {after}{raised}", after=after,
+                 raised=f" (soft limit raised from {before})" if after != before else "")
     if worker is None and count > 1:
         return supervisor.run(settings, argv, environ, count)
     if worker is not None:

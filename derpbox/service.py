@@ -29,6 +29,7 @@ from .keys import load_or_create_key, node_public_text
 from .mesh.peers import MeshService
 from .mesh.spec import MeshPeerSpec
 from .metrics import Metrics
+from .oslimits import listen_backlog
 from .relay.relay import Relay
 from .relay.summary import INTERVAL as SUMMARY_INTERVAL
 from .relay.summary import TrafficSummary
@@ -56,10 +57,11 @@ DRAIN_TIMEOUT = 5.0
 
 def _endpoint(reactor, host: str, port: int):
     """One listening endpoint; an empty host means every address, IPv4 and IPv6."""
+    backlog = listen_backlog()
     if ":" in host or host == "":
         # A "::" socket on Linux also accepts IPv4 unless IPV6_V6ONLY is set.
-        return TCP6ServerEndpoint(reactor, port, interface=host or "::")
-    return TCP4ServerEndpoint(reactor, port, interface=host)
+        return TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=host or "::")
+    return TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=host)
 
 
 @implementer(IStreamServerEndpoint)

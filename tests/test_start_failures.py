@@ -130,3 +130,44 @@ def test_every_listener_is_logged_when_up(tmp_path):
 def _comm() -> str:
     with open(f"/proc/{os.getpid()}/comm") as f:
         return f.read().strip()
+
+
+def test_open_files_and_listen_backlog_are_the_systems_maximum(tmp_path):
+    """The soft RLIMIT_NOFILE is raised to the hard limit (as Go's runtime does) and every TCP
+    listener uses net.core.somaxconn as its backlog (Twisted's default is 50)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 512:
+        pytest.skip("the hard open-file limit is too low to see a raise")
+    if shutil.which("ss") is None:
+        pytest.skip("no ss (iproute2) to read the listen backlog")
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+
+    proc = subprocess.Popen([sys.executable, "-m", "derpbox", "-tls", "off", "-c", str(tmp_path / "derper.key"),
+                             "-a", "127.0.0.1:0", "-stun-port", "0", "-metrics-addr", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=low_soft_limit)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "metrics (/metrics, /healthz) listening" in line:
+                break
+        text = "".join(lines)
+        assert f"open files: up to {hard} (soft limit raised from 512)" in text, text
+        with open(f"/proc/{proc.pid}/limits") as f:
+            row = next(r for r in f if r.startswith("Max open files"))
+        assert row.split()[3:5] == [str(hard), str(hard)]
+        ports = [int(line.rsplit(":", 1)[1]) for line in text.splitlines() if " listening on 127.0.0.1:" in line
+                 and "(UDP)" not in line]
+        assert len(ports) == 2
+        for port in ports:
+            out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+            assert out.split()[2] == str(somaxconn), out  # Send-Q of a listening socket: its backlog
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)

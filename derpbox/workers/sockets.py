@@ -13,9 +13,8 @@ import socket
 from dataclasses import dataclass
 
 from ..bind_errors import NO_IPV6
+from ..oslimits import listen_backlog
 
-# Go's listen uses the system maximum too (net.core.somaxconn).
-BACKLOG = socket.SOMAXCONN
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def tcp_listener(host: str, port: int) -> socket.socket:
             # Dual stack, as Twisted's TCP6 port on "::": IPv4 clients arrive mapped.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host or "::", port))
-        sock.listen(BACKLOG)
+        sock.listen(listen_backlog())
         sock.setblocking(False)
     except BaseException:
         sock.close()
