@@ -114,7 +114,13 @@ class ListenerService(Service):
 def load_server_key(settings: Settings) -> PrivateKey:
     if settings.key_path is None:
         return PrivateKey.generate()
-    return load_or_create_key(settings.key_path)
+    key = load_or_create_key(settings.key_path)
+    mode = os.stat(settings.key_path).st_mode & 0o777
+    if mode & 0o077:
+        # derpbox creates it 0600; a copied or restored file may not be.
+        log.warn("node key file {path} is readable by other users (mode {mode:04o}): the node key is a secret; "
+                 "chmod 600 {path}", path=settings.key_path, mode=mode)
+    return key
 
 
 def build_admission(settings: Settings, reactor, worker: WorkerContext | None = None) -> Admission | None:

@@ -181,6 +181,8 @@ def test_client_info_case_insensitive_and_unknown_fields_ignored():
         (b'{"meshKey":"zz"}', "meshKey must be 64 hex digits"),
         (b'{"meshKey":12}', "'meshKey' must be a JSON str"),
         (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"a":' * 100_000, "nested too deeply"),
     ],
 )
 def test_bad_client_info_json(body, message):

@@ -158,3 +158,16 @@ def test_private_text():
 def test_default_key_path_follows_derper():
     assert keys.default_key_path(is_root=True) == "/var/lib/derper/derper.key"
     assert keys.default_key_path(is_root=False) is None
+
+
+def test_a_key_file_readable_by_others_is_warned_about(tmp_path, log_lines):
+    from derpbox.config import load_settings
+    from derpbox.service import load_server_key
+
+    path = tmp_path / "derper.key"
+    settings = load_settings(["-c", str(path), "-tls", "off"], {})
+    load_server_key(settings)  # created 0600: no warning
+    assert not any("readable by other users" in line for line in log_lines)
+    path.chmod(0o644)
+    load_server_key(settings)
+    assert any(f"node key file {path} is readable by other users (mode 0644)" in line for line in log_lines)

@@ -150,7 +150,7 @@ def http_get(port, request: bytes, tls=False) -> bytes:
 def test_plain_get_derp_is_426_and_endpoints_answer_over_tls(start_server):
     server = yield start_server()
     data = yield deferToThread(http_get, server.port, b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", True)
-    assert data.startswith(b"HTTP/1.1 426 ")
+    assert data.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
     assert data.endswith(b"DERP requires connection upgrade\n")
     data = yield deferToThread(http_get, server.port, b"GET /derp/latency-check HTTP/1.1\r\nHost: x\r\n\r\n", True)
     assert data.startswith(b"HTTP/1.1 200 ") and b"Access-Control-Allow-Origin: *" in data
@@ -213,6 +213,7 @@ BAD_INPUTS = {
     "wrong first frame": (lambda k: F.ping_frame(b"12345678"), "first frame is PING"),
     "bad box": (lambda k: good_client_info(k)[:-1] + b"\x00", "box cannot be opened"),
     "bad json": (None, "not valid JSON"),
+    "deeply nested json": (lambda k: sealed_info(k, b"[" * 100_000), "nested too deeply"),
     "client info too short": (lambda k: F.pack_header(2, 55) + bytes(55), "CLIENT_INFO length 55 outside"),
     "client info too long": (lambda k: F.pack_header(2, 262145), "CLIENT_INFO length 262145 outside"),
     "oversize send": (lambda k: good_client_info(k) + F.pack_header(4, 32 + 65537), "SEND_PACKET frame length 65569"),
@@ -226,10 +227,14 @@ BAD_INPUTS = {
 }
 
 
-def bad_json_info(server_key):
+def sealed_info(server_key, plaintext: bytes) -> bytes:
     key = PrivateKey.generate()
-    sealed = bytes(Box(key, PublicKey(server_key)).encrypt(b"{nope"))
+    sealed = bytes(Box(key, PublicKey(server_key)).encrypt(plaintext))
     return F.encode_frame(2, bytes(key.public_key) + sealed)
+
+
+def bad_json_info(server_key):
+    return sealed_info(server_key, b"{nope")
 
 
 @pytest_twisted.inlineCallbacks

@@ -61,6 +61,9 @@ def parse_client_info_json(key: bytes, plaintext: bytes) -> ClientInfo:
         obj = json.loads(plaintext)
     except (UnicodeDecodeError, ValueError) as e:
         raise HandshakeError(f"ClientInfo is not valid JSON: {e}") from None
+    except RecursionError:
+        # "[[[[..." inside a valid box: a handshake failure like any other, not a traceback.
+        raise HandshakeError("ClientInfo JSON is nested too deeply") from None
     if obj is None:
         obj = {}
     if not isinstance(obj, dict):
@@ -146,6 +149,8 @@ def open_server_info(client_private: PrivateKey, server_public: bytes, payload) 
         info = json.loads(plaintext)
     except ValueError as e:
         raise HandshakeError(f"ServerInfo is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HandshakeError("ServerInfo JSON is nested too deeply") from None
     if not isinstance(info, dict):
         raise HandshakeError("ServerInfo JSON must be an object")
     return info

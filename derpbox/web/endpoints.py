@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from html import escape
+from http import HTTPStatus
 
 from twisted.internet import defer
 from twisted.web import http, server
@@ -79,7 +80,8 @@ def http_error(request: server.Request, code: int, message: str) -> bytes:
 
 def error_body(request: server.Request, code: int, message: str) -> bytes:
     """http_error's status, headers and body, for a body that is sent later (reply_later)."""
-    request.setResponseCode(code)
+    # The reason phrase too: Twisted knows no 426 and would send "Unknown Status".
+    request.setResponseCode(code, HTTPStatus(code).phrase.encode())
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     return message.encode() + b"\n"
