@@ -29,6 +29,7 @@ class FakePeer:
         self.fed = []
         self.failed = None
         self.lost = False
+        self.paused = False  # the transport's buffer is full: the client does not read
 
     def feed(self, data):
         self.fed.append(data)
@@ -107,6 +108,21 @@ def test_websocket_stream_answers_ping_and_close():
     assert isinstance(pong, Pong) and pong.payload == b"hi"
     assert isinstance(close, Close) and close.code == 1000
     assert peer.lost == "WebSocket closed by the client" and transport.calls == ["unregisterProducer", "loseConnection"]
+
+
+def test_pings_get_one_pong_per_read_and_none_while_the_client_does_not_read():
+    transport = RecordingTransport()
+    stream = WebSocketStream(transport)
+    peer = FakePeer()
+    receive = stream.attach(peer)
+    mask = b"\x01\x02\x03\x04"
+    receive(b"".join(encode_frame(Opcode.PING, b"%d" % i, mask=mask) for i in range(1000)))
+    [pong] = server_messages(transport.value())
+    assert isinstance(pong, Pong) and pong.payload == b"999"
+    peer.paused = True
+    before = transport.value()
+    receive(b"".join(encode_frame(Opcode.PING, b"x" * 125, mask=mask) for i in range(1000)))
+    assert transport.value() == before
 
 
 def test_websocket_stream_close_sends_1000_then_closes_like_the_raw_stream():

@@ -317,6 +317,17 @@ def test_large_frame_unmasked_correctly():
     assert WebSocketDecoder().feed(frame) == [BinaryData(payload)]
 
 
+def coalesce(events: list) -> list:
+    """Adjacent BinaryData joined: the stream as DERP sees it."""
+    out = []
+    for event in events:
+        if isinstance(event, BinaryData) and out and isinstance(out[-1], BinaryData):
+            out[-1] = BinaryData(out[-1].data + event.data)
+        else:
+            out.append(event)
+    return out
+
+
 def test_byte_at_a_time():
     stream = (
         masked(Opcode.BINARY, b"x" * 300, fin=False)
@@ -329,11 +340,10 @@ def test_byte_at_a_time():
     events = []
     for i in range(len(stream)):
         events += decoder.feed(stream[i : i + 1])
-    assert events == [
+    assert coalesce(events) == [
         BinaryData(b"x" * 300),
         Ping(b"ping"),
-        BinaryData(bytes(70000)),
-        BinaryData(b"tail"),
+        BinaryData(bytes(70000) + b"tail"),  # two messages, one byte stream to DERP
         Close(1000, "bye"),
     ]
 
@@ -456,13 +466,30 @@ def test_error_is_sticky():
     assert again.value is first.value
 
 
-def test_partial_frames_wait():
-    frame = masked(Opcode.BINARY, bytes(300))
+def test_a_data_frame_streams_as_it_arrives():
+    """DERP's bytes are a stream: a frame's payload is passed on as it comes, never held
+    whole (a client cannot make the server buffer a big frame), and unmasked right across
+    the pieces."""
+    payload = bytes(i % 251 for i in range(300))
+    frame = masked(Opcode.BINARY, payload)
     decoder = WebSocketDecoder()
     assert decoder.feed(frame[:3]) == []  # inside the 16-bit length
     assert decoder.feed(frame[3:7]) == []  # inside the mask
-    assert decoder.feed(frame[7:-1]) == []
-    assert decoder.feed(frame[-1:]) == [BinaryData(bytes(300))]
+    assert decoder.feed(frame[7:8]) == []  # the mask's last byte
+    first, second, third = decoder.feed(frame[8:13]), decoder.feed(frame[13:-1]), decoder.feed(frame[-1:])
+    assert (first, second, third) == ([BinaryData(payload[:5])], [BinaryData(payload[5:-1])], [BinaryData(payload[-1:])])
+    assert len(decoder._buf) == 0
+
+
+def test_a_huge_frame_is_never_buffered():
+    decoder = WebSocketDecoder()
+    header = bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 1 << 20) + MASK
+    assert decoder.feed(header) == []
+    got = 0
+    for _ in range(16):
+        got += sum(len(e.data) for e in decoder.feed(bytes(65536 - 1)))
+        assert len(decoder._buf) == 0
+    assert got == 16 * (65536 - 1)
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -542,10 +569,10 @@ def test_fuzz_decoder_random_bytes(data, cuts, client, max_frame_size):
     split_events, split_error = _run(
         WebSocketDecoder(client=client, max_frame_size=max_frame_size), _chunks(data, cuts)
     )
-    # Chunking never changes the outcome.
+    # Chunking never changes the outcome (a payload may arrive in more pieces).
     assert whole_error == split_error
     if whole_error is None:
-        assert whole_events == split_events
+        assert coalesce(whole_events) == coalesce(split_events)
     else:
         assert whole_events == []  # a failing feed returns nothing, it raises
 

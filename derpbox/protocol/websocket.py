@@ -171,6 +171,12 @@ class WebSocketDecoder:
         self._max_frame_size = max_frame_size
         self._buf = bytearray()
         self._in_message = False  # a fragmented binary message awaits continuations
+        # Inside a data frame's payload: bytes still to come, its mask (rotated to the next
+        # byte), and whether the frame ends its message. The payload is a byte stream to
+        # DERP, so it is passed on as it arrives and never held whole.
+        self._remaining = 0
+        self._mask = b""
+        self._fin = True
         self._closed = False
         self._error: WebSocketError | None = None
 
@@ -193,7 +199,14 @@ class WebSocketDecoder:
     def _parse(self, events: list[Event]) -> int:
         buf = self._buf
         pos = 0
-        while not self._closed and len(buf) - pos >= 2:
+        while not self._closed:
+            if self._remaining:
+                pos = self._payload(buf, pos, events)
+                if self._remaining:
+                    break
+                continue
+            if len(buf) - pos < 2:
+                break
             b0, b1 = buf[pos], buf[pos + 1]
             # Judge the header from its first two bytes, before buffering anything more.
             self._check_header(b0, b1)
@@ -213,19 +226,44 @@ class WebSocketDecoder:
                     raise WebSocketError(CloseCode.PROTOCOL_ERROR, "64-bit length has its top bit set")
             if length > self._max_frame_size:
                 raise WebSocketError(CloseCode.MESSAGE_TOO_BIG, "frame too large")
-            if b1 & 0x80:
+            masked = b1 & 0x80
+            if len(buf) < start + (4 if masked else 0):
+                break
+            mask = bytes(buf[start : start + 4]) if masked else b""
+            if masked:
                 start += 4
-            end = start + length
+            if b0 & 0x0F in (Opcode.BINARY, Opcode.CONTINUATION):
+                # A data frame: its payload streams through, whatever its size.
+                self._in_message = True
+                self._remaining, self._mask, self._fin = length, mask, bool(b0 & 0x80)
+                pos = start
+                if not length:
+                    self._in_message = not self._fin
+                continue
+            end = start + length  # a control frame: at most 125 bytes, taken whole
             if len(buf) < end:
                 break
             # Slices of a memoryview die here, so the bytearray can be resized afterwards.
-            if b1 & 0x80:
-                payload = _xor_mask(memoryview(buf)[start:end], bytes(buf[start - 4 : start]))
-            else:
-                payload = bytes(memoryview(buf)[start:end])
+            payload = _xor_mask(memoryview(buf)[start:end], mask) if masked else bytes(memoryview(buf)[start:end])
             pos = end
             self._dispatch(b0, payload, events)
         return pos
+
+    def _payload(self, buf: bytearray, pos: int, events: list[Event]) -> int:
+        """Pass on what has arrived of the current data frame's payload; the new position."""
+        n = min(self._remaining, len(buf) - pos)
+        if n:
+            chunk = memoryview(buf)[pos : pos + n]
+            mask = self._mask
+            events.append(BinaryData(_xor_mask(chunk, mask) if mask else bytes(chunk)))
+            chunk.release()
+            if mask:
+                shift = n % 4
+                self._mask = mask[shift:] + mask[:shift]
+            self._remaining -= n
+            if not self._remaining:
+                self._in_message = not self._fin
+        return pos + n
 
     def _check_header(self, b0: int, b1: int) -> None:
         if b0 & 0x70:
@@ -257,10 +295,6 @@ class WebSocketDecoder:
         elif opcode == Opcode.CLOSE:
             events.append(_parse_close(payload))
             self._closed = True
-        else:
-            self._in_message = not (b0 & 0x80)
-            if payload:
-                events.append(BinaryData(payload))
 
 
 def encode_frame(opcode: Opcode, payload: bytes = b"", *, fin: bool = True,

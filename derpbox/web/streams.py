@@ -109,12 +109,21 @@ class WebSocketStream(_Stream):
             self.transport.write(encode_close(e.code, e.reason))
             peer.fail(f"WebSocket error {e.code}: {e.reason}")
             return
+        ping = None
         for event in events:
             if isinstance(event, BinaryData):
                 peer.feed(event.data)
             elif isinstance(event, Ping):
-                self.transport.write(encode_pong(event.payload))
+                ping = event
             elif isinstance(event, Close):
+                self._pong(ping, peer)
                 self.close()
                 peer.connection_lost("WebSocket closed by the client")
                 return
+        self._pong(ping, peer)
+
+    def _pong(self, ping: Ping | None, peer: Peer) -> None:
+        # One pong per read, answering the latest ping (RFC 6455 5.5.3 allows that), and none
+        # while the client is not reading what it is sent: pings cannot grow the output.
+        if ping is not None and not peer.paused:
+            self.transport.write(encode_pong(ping.payload))
