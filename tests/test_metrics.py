@@ -440,3 +440,54 @@ def test_port80_debug_uses_main_site_and_acl(start_server):
     assert status == 302 and headers["location"] == f"{origin}/debug/"
     status, headers, _ = yield get(p80, "/", headers={"Host": "derp.example.com", "X-Forwarded-For": "1.2.3.4"})
     assert status == 302 and headers["location"] == f"{origin}/"
+
+
+# -- failures at the front door are counted by reason ----------------------------------------
+
+
+def _raw_exchange(port: int, data: bytes, close_at_once: bool = False) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        if close_at_once:
+            return
+        s.sendall(data)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def _tls_exchange(port: int, data: bytes) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+        return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_handshake_failures_and_bad_requests_are_counted(start_server):
+    server = yield start_server()
+    port = server.port
+    # Not TLS at all, on the TLS port; then a client that leaves before its ClientHello.
+    yield deferToThread(_raw_exchange, port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    yield deferToThread(_raw_exchange, port, b"", True)
+    # A bad first request, inside TLS: answered 400 and counted.
+    reply = yield deferToThread(_tls_exchange, port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    failures = server.service.tls_stats.handshake_failures
+    deadline = time.monotonic() + 5
+    while failures.get("closed", 0) < 1 or failures.get("tls_error", 0) < 1:
+        assert time.monotonic() < deadline, failures
+        yield deferToThread(time.sleep, 0.02)
+    status, _, body = yield get(port, "/debug/varz", tls=True)
+    samples, types, _ = parse_exposition(body.decode())
+    assert value(samples, "derpbox_tls_handshake_failures", reason="tls_error") == 1
+    assert value(samples, "derpbox_tls_handshake_failures", reason="closed") == 1
+    assert types["derpbox_tls_handshake_failures"] == "counter"
+    assert value(samples, "derpbox_http_refusals", status="400") == 1
+    assert value(samples, "derpbox_http_head_timeouts") == 0

@@ -6,8 +6,10 @@ import gc
 
 import pytest
 import pytest_twisted
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from derpbox.protocol.websocket import (
     BinaryData,
@@ -160,3 +162,29 @@ def test_closed_peers_and_streams_are_freed_without_cyclic_gc(start_server, webs
         yield wait_for(lambda: not left(), timeout=2)
     finally:
         gc.enable()
+
+
+def test_a_head_timeout_is_counted_and_closes_the_connection():
+    from nacl.public import PrivateKey
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from derpbox.relay.relay import Relay
+    from derpbox.tls.stats import TLSStats
+    from derpbox.web.connection import HEAD_TIMEOUT, FrontFactory
+
+    clock = Clock()
+    relay = Relay(PrivateKey.generate(), clock)
+    tls_stats = TLSStats()
+    factory = FrontFactory(relay, Site(Resource()), clock, tls_stats=tls_stats)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
+    conn = factory.buildProtocol(None)
+    conn.makeConnection(transport)
+    conn.dataReceived(b"GET / HT")  # a head that never ends
+    clock.advance(HEAD_TIMEOUT)
+    assert transport.disconnecting or transport.disconnected
+    assert relay.stats.head_timeouts == 1
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert tls_stats.handshake_failures == {"timeout": 1, "tls_error": 0, "closed": 0}  # it never got further

@@ -18,6 +18,7 @@ DROP_REASONS = (
     "dup_client",
 )
 PACKET_KINDS = ("disco", "other")
+HTTP_REFUSAL_STATUSES = ("400", "405", "426", "431", "505")
 # derper's buckets for the PeerPresent/PeerGone batches written to a mesh watcher.
 MESH_UPDATE_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MESH_UPDATE_LOOP_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
@@ -70,9 +71,14 @@ class RelayStats:
         counter("handshake_failures", "derpbox_handshake_failures", "DERP connections that failed the handshake (ClientInfo)."),
         counter("protocol_errors", "derpbox_protocol_errors", "DERP connections closed for a protocol error after the handshake."),
         counter("admission_rejections", "derpbox_admission_rejections", "DERP clients rejected by client verification."),
+        counter("http_refusals", "derpbox_http_refusals",
+                "Connections refused for a bad first HTTP request, by the status answered.", ("status",)),
+        counter("head_timeouts", "derpbox_http_head_timeouts",
+                "Connections closed for sending no complete HTTP request in time."),
     )
     __slots__ = attributes(METRICS) + ("packets_received_disco", "packets_received_other", "dropped_packets",
-                                        "dropped_bytes", "mesh_update_batch_size", "mesh_update_loop_count")
+                                        "dropped_bytes", "mesh_update_batch_size", "mesh_update_loop_count",
+                                        "http_refusals")
 
     def __init__(self):
         for name in attributes(self.METRICS):
@@ -84,6 +90,8 @@ class RelayStats:
         self.dropped_bytes = dict.fromkeys(self.dropped_packets, 0)
         self.mesh_update_batch_size = Histogram(MESH_UPDATE_BATCH_BUCKETS)
         self.mesh_update_loop_count = Histogram(MESH_UPDATE_LOOP_BUCKETS)
+        # Every status a bad first request can get exists from the start (a series, not a gap).
+        self.http_refusals = dict.fromkeys(HTTP_REFUSAL_STATUSES, 0)
 
     @property
     def packets_received_kind(self) -> dict[str, int]:

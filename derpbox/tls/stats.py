@@ -20,14 +20,23 @@ class TLSStats:
         counter("request_version", "derper_tls_request_version", "Completed TLS handshakes, by negotiated version.",
                 ("version",)),
         gauge("active_version", "derper_tls_active_version", "Open TLS connections, by negotiated version.", ("version",)),
+        counter("handshake_failures", "derpbox_tls_handshake_failures",
+                "TLS connections closed before the handshake completed, by reason: tls_error (OpenSSL refused it: "
+                "no shared version or cipher, wrong SNI, not TLS at all), closed (the client left), timeout.",
+                ("reason",)),
     )
-    __slots__ = ("accepted_connections", "rejected_connections", "request_version", "active_version")
+    __slots__ = ("accepted_connections", "rejected_connections", "request_version", "active_version",
+                 "handshake_failures")
 
     def __init__(self) -> None:
         self.accepted_connections = 0
         self.rejected_connections = 0
         self.request_version: dict[str, int] = {}
         self.active_version: dict[str, int] = {}
+        self.handshake_failures = dict.fromkeys(("tls_error", "closed", "timeout"), 0)
+
+    def handshake_failed(self, reason: str) -> None:
+        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
 
     def handshake(self, version: str) -> None:
         self.request_version[version] = self.request_version.get(version, 0) + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+from OpenSSL import SSL
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -76,6 +77,7 @@ class FrontConnection(Protocol):
         self._stream: DERPStream | WebSocketStream | None = None
         self._web = None
         self._timer = None
+        self.timed_out = False
 
     def connectionMade(self) -> None:
         self.factory.open_connections.add(self)
@@ -101,6 +103,8 @@ class FrontConnection(Protocol):
 
     def _head_timeout(self) -> None:
         self._timer = None
+        self.timed_out = True
+        self.factory.relay.stats.head_timeouts += 1
         log.debug("{addr}: no request within {t:g} s", addr=remote_address(self.transport), t=HEAD_TIMEOUT)
         self.transport.abortConnection()
 
@@ -113,9 +117,13 @@ class FrontConnection(Protocol):
 
     def connectionLost(self, reason) -> None:
         self.factory.open_connections.discard(self)
+        tls_stats = self.factory.tls_stats
         if self.tls_version is not None:
-            self.factory.tls_stats.closed(self.tls_version)
+            tls_stats.closed(self.tls_version)
             self.tls_version = None
+        elif tls_stats is not None:
+            tls_stats.handshake_failed("timeout" if self.timed_out else "tls_error" if reason.check(SSL.Error)
+                                       else "closed")
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -164,6 +172,8 @@ class FrontConnection(Protocol):
         channel.dataReceived(buf)
 
     def _refuse(self, e: HTTPHeadError) -> None:
+        refusals = self.factory.relay.stats.http_refusals
+        refusals[str(e.status)] = refusals.get(str(e.status), 0) + 1
         # Scanners send the same junk over and over: one line per reason and minute.
         self.factory.relay.noise.info(
             f"http:{e.reason}", "{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason
