@@ -903,3 +903,29 @@ def test_limiter_is_bounded():
     assert [limiter.allow(k) for k in "abcd"] == [0, 0, 0, 0]
     assert limiter.allow("a") == 0  # evicted, so logged again
     assert limiter.allow("d") is None
+
+
+# -- fan-out: a flood of handshakes against a backend -----------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_checks_are_capped_against_a_hanging_backend(blackhole):
+    adm = admission(urls=(blackhole.url,), fail_open=False, url_timeout=1.0, max_concurrent=8)
+    keys = [os.urandom(32) for _ in range(40)]
+    pending = [adm.check(k, "192.0.2.1") for k in keys]
+    yield wait_for(lambda: len(blackhole.accepted) == 8)
+    yield sleep(0.3)
+    assert len(blackhole.accepted) == 8  # the other 32 wait their turn, not in 32 more requests
+    decisions = yield defer.gatherResults(pending)
+    assert not any(d.allow for d in decisions) and len(decisions) == 40  # all answered (fail-closed)
+    assert adm.stats.admitted + adm.stats.rejected == 40
+
+
+@pytest_twisted.inlineCallbacks
+def test_simultaneous_checks_of_one_key_share_one_request(headscale):
+    fake = headscale(nodes=[nk(A)])
+    adm = admission(urls=(fake.url,))
+    decisions = yield defer.gatherResults([adm.check(A, "192.0.2.1") for _ in range(50)])
+    assert len(fake.requests) == 1
+    assert all(d.allow for d in decisions) and adm.stats.shared_checks == 49
+    assert (adm.stats.admitted, adm.stats.rejected) == (50, 0)

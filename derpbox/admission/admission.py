@@ -24,6 +24,10 @@ from .verify_url import UrlChecks, VerifyURL, display_url
 log = Logger(namespace="derpbox.admission")
 
 
+# Clients being asked about at once; derper has no bound (one goroutine per handshake).
+MAX_CONCURRENT_CHECKS = 64
+
+
 class AdmissionConfigError(ValueError):
     """A verification setting cannot work (e.g. an admission URL that is not http(s))."""
 
@@ -47,6 +51,7 @@ class Admission:
         url_timeout: float = _verify_url.DEFAULT_TIMEOUT,
         https_policy=None,
         allowlist_interval: float = 1.0,
+        max_concurrent: int = MAX_CONCURRENT_CHECKS,
     ):
         self.reactor = reactor
         self.stats = stats if stats is not None else AdmissionStats()
@@ -82,6 +87,8 @@ class Admission:
             else None
         )
         self.enabled = bool(self.tailscaled or self.url_checks or self.allowlist)
+        self._slots = defer.DeferredSemaphore(max_concurrent)
+        self._waiting: dict[bytes, list[defer.Deferred]] = {}
         self._rejection_log = PerKeyLimiter(reactor)
         self._fail_open_log = PerKeyLimiter(reactor)
         self._internal_log = PerKeyLimiter(reactor)
@@ -115,16 +122,33 @@ class Admission:
     # -- the check -------------------------------------------------------
 
     def check(self, node_key: bytes, source_ip: str) -> defer.Deferred:
-        """Decide on one client; fires with a Decision and never errbacks."""
+        """Decide on one client; fires with a Decision and never errbacks.
+
+        At most ``max_concurrent`` clients are being asked about at once (the rest wait
+        their turn, within their handshake deadline), and simultaneous checks of one key
+        share one run: a flood of handshakes cannot fan out into as many backend requests.
+        """
         stage = ["none"]
         try:
-            d = self._check(node_key, source_ip, stage)
+            decision = self._immediate(node_key, source_ip)
         except Exception:
-            d = defer.fail()
-        return d.addErrback(self._internal_error, node_key, source_ip, stage)
+            return defer.fail().addErrback(self._internal_error, node_key, source_ip, stage)
+        if decision is not None:
+            return defer.succeed(decision)
+        mine = defer.Deferred()
+        waiters = self._waiting.get(node_key)
+        if waiters is not None:
+            self.stats.shared_checks += 1
+            waiters.append(mine)
+            return mine
+        self._waiting[node_key] = [mine]
+        run = self._slots.run(self._check, node_key, source_ip, stage)
+        run.addErrback(self._internal_error, node_key, source_ip, stage)
+        run.addCallback(self._answer, node_key)
+        return mine
 
-    @defer.inlineCallbacks
-    def _check(self, node_key: bytes, source_ip: str, stage: list):
+    def _immediate(self, node_key: bytes, source_ip: str) -> Decision | None:
+        """The decision when no backend needs asking (verification off, or cached)."""
         if len(node_key) != 32:
             raise ValueError(f"node key must be 32 bytes, got {len(node_key)}")
         key_text = "nodekey:" + node_key.hex()
@@ -138,7 +162,22 @@ class Admission:
                 self.stats.cache_hits += 1
                 return self._conclude(cached, key_text, source_ip, cached=True)
             self.stats.cache_misses += 1
+        return None
 
+    def _answer(self, decision: Decision, node_key: bytes) -> None:
+        first, *others = self._waiting.pop(node_key)
+        for _ in others:
+            # Each waiter was a check of its own: admitted + rejected still counts every call.
+            if decision.allow:
+                self.stats.admitted += 1
+            else:
+                self.stats.rejected += 1
+        for waiter in (first, *others):
+            waiter.callback(decision)
+
+    @defer.inlineCallbacks
+    def _check(self, node_key: bytes, source_ip: str, stage: list):
+        key_text = "nodekey:" + node_key.hex()
         verdicts: list[Verdict] = []
         if self.tailscaled is not None:
             stage[0] = "tailscaled"

@@ -59,6 +59,8 @@ class AdmissionStats:
         counter("allowlist_reload_errors", "derpbox_admission_allowlist_reload_errors",
                 "Failed reloads of the allowlist file (previous list kept)."),
         counter("internal_errors", "derpbox_admission_internal_errors", "Internal errors while checking a client."),
+        counter("shared_checks", "derpbox_admission_shared_checks",
+                "Checks that waited for the answer of a simultaneous check of the same key."),
         gauge("allowlist_entries", "derpbox_admission_allowlist_entries", "Keys in the loaded allowlist file."),
     )
     __slots__ = (
@@ -73,6 +75,7 @@ class AdmissionStats:
         "allowlist_reloads",
         "allowlist_reload_errors",
         "internal_errors",
+        "shared_checks",
     )
 
     def __init__(self):
@@ -87,6 +90,7 @@ class AdmissionStats:
         self.allowlist_reloads = 0
         self.allowlist_reload_errors = 0
         self.internal_errors = 0
+        self.shared_checks = 0
 
     def count(self, verdict: Verdict) -> None:
         self.decisions[(verdict.check, verdict.outcome)] += 1
