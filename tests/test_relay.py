@@ -698,3 +698,18 @@ def test_the_traffic_summary_says_what_happened_and_stays_quiet_when_idle(relay)
     b.connection_lost()
     relay.clock.advance(60)
     assert summary.line() is None
+
+
+def test_a_scrape_does_not_walk_the_clients(relay, monkeypatch):
+    """The client counts are kept up to date, so /debug/varz costs the same at any size."""
+    from derpbox.metrics import Metrics
+    from derpbox.relay.clients import ClientSet
+
+    for _ in range(20):
+        connect(relay)
+    assert relay.client_counts() == (20, 0)
+    walked = []
+    monkeypatch.setattr(ClientSet, "counted_as", lambda self: walked.append(self))
+    monkeypatch.setattr(Relay, "peers", lambda self: walked.append(self) or iter(()))
+    text = Metrics(relay).exposition()
+    assert b"derp_clients_local 20" in text and walked == []

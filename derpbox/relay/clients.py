@@ -90,6 +90,19 @@ class ClientSet:
             senders = self.senders
             self.active = (senders[-1] if senders else None) if senders is not None else self.conns[0]
 
+    def counted_as(self) -> str | None:
+        """"local", "remote" or None: how derp_clients_local/_remote see the key (derper
+        counts other nodes' mesh links as clients). A key whose active connection is on
+        another worker is that worker's to count; this node's workers and their links are
+        no clients, and a key on another worker is the node's own, never remote."""
+        if self.conns:
+            if self.superseded or all(peer.is_worker for peer in self.conns):
+                return None
+            return "local"
+        if self.forwarders and not any(forwarder.is_worker for forwarder in self.forwarders):
+            return "remote"
+        return None
+
     @property
     def duplicated(self) -> bool:
         return self.senders is not None

@@ -84,6 +84,8 @@ class Relay:
         self.noise = LogThrottle(Logger("derpbox.relay.peer"))
         self._dirty: list[Peer] = []
         self._clients: dict[bytes, ClientSet] = {}
+        # derp_clients_local/_remote, kept up to date so a scrape costs the same at any size.
+        self._counts = {"local": 0, "remote": 0}
         self._watchers: list[Peer] = []
         self._restarting = False
 
@@ -118,7 +120,9 @@ class Relay:
         record = self._clients.get(key)
         if record is None:
             record = self._clients[key] = ClientSet()
+        before = record.counted_as()
         record.add(peer)
+        self._recount(before, record)
         n = len(record.conns)
         if n > 1:
             stats.total_dup_client_conns += 1
@@ -132,7 +136,9 @@ class Relay:
         record = self._clients.get(peer.key)
         if record is not None and (record.senders is not None or record.superseded):
             was_superseded = record.superseded
+            before = record.counted_as()
             record.note_sender(peer)
+            self._recount(before, record)
             if was_superseded:
                 # Ours spoke last: the other workers step back for it.
                 self._tell_workers(self._presence(peer))
@@ -156,7 +162,9 @@ class Relay:
                 src.receivers.pop(peer, None)
         record = clients[key]
         n = len(record.conns)
+        before = record.counted_as()
         record.remove(peer)
+        self._recount(before, record)
         if n > 1:
             if n == 2:
                 stats.current_dup_client_keys -= 1
@@ -311,13 +319,16 @@ class Relay:
         record = self._clients.get(key)
         if record is None:
             record = self._clients[key] = ClientSet()
+        before = record.counted_as()
         forwarders = record.forwarders
         if forwarder.is_worker and (not before_link or forwarder.precedes):
             record.supersede()
         if forwarder in forwarders:
+            self._recount(before, record)
             return
         newly_on_node = forwarder.is_worker and not record.conns and not _on_another_worker(record)
         forwarders.append(forwarder)
+        self._recount(before, record)
         if len(forwarders) == 2:
             self.stats.multiforwarder_created += 1
         if newly_on_node:
@@ -332,11 +343,13 @@ class Relay:
             self.stats.packet_forwarder_delete_other_value += 1
             return
         forwarders = record.forwarders
+        before = record.counted_as()
         forwarders.remove(forwarder)
         if len(forwarders) == 1:
             self.stats.multiforwarder_deleted += 1
         if forwarder.is_worker and not _on_another_worker(record):
             record.reinstate()
+        self._recount(before, record)
         if forwarder.is_worker and not record.conns and not _on_another_worker(record) and not self._restarting:
             self._tell_other_nodes(peer_gone_frame(key, PeerGoneReason.DISCONNECTED))
         if not forwarders and not record.conns:
@@ -409,17 +422,16 @@ class Relay:
 
     def client_counts(self) -> tuple[int, int]:
         """(keys connected here, keys reachable only through other nodes), as derper counts
-        them: other nodes' mesh links are clients too. This node's other workers, their links
-        and their clients are left out: the node's view adds up the workers, so a key connected
-        to two workers is counted by the one whose connection is active (not superseded)."""
-        local = remote = 0
-        for record in self._clients.values():
-            if record.conns:
-                if not record.superseded and not all(peer.is_worker for peer in record.conns):
-                    local += 1
-            elif not any(forwarder.is_worker for forwarder in record.forwarders):
-                remote += 1
-        return local, remote
+        them (``ClientSet.counted_as``); the node's view adds up the workers."""
+        return self._counts["local"], self._counts["remote"]
+
+    def _recount(self, before: str | None, record: ClientSet) -> None:
+        after = record.counted_as()
+        if after != before:
+            if before is not None:
+                self._counts[before] -= 1
+            if after is not None:
+                self._counts[after] += 1
 
     def peers(self):
         for record in self._clients.values():
@@ -444,4 +456,8 @@ class Relay:
             problems.append(f"current_dup_client_conns={stats.current_dup_client_conns} but {dup_conns} registered")
         for key, record in self._clients.items():
             problems += record.problems(key)
+        kinds = [record.counted_as() for record in self._clients.values()]
+        counted = {"local": kinds.count("local"), "remote": kinds.count("remote")}
+        if counted != self._counts:
+            problems.append(f"client counts {self._counts} but the records say {counted}")
         return problems
