@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from derpbox.metrics import Metrics
 from derpbox.relay.relay import Relay
 from derpbox.web.debug import DebugResource
-from derpbox.web.endpoints import BROWSER_HEADERS, build_main_site
+from derpbox.web.endpoints import BROWSER_HEADERS, QuietSite, build_main_site
 from derpbox.web.port80 import build_port80_site
 
 SECURITY_HEADERS = {name.decode().lower(): value.decode() for name, value in BROWSER_HEADERS.items()}
@@ -512,3 +512,61 @@ async def test_debug_mount_keeps_other_paths(debug_sites):
     assert redirect.get("location") == "https://derp.example.com/debug/"
     redirect = await fetch(p80, request("GET", "/x"))
     assert redirect.get("location") == "https://derp.example.com/x"
+
+
+# -- bounded requests ---------------------------------------------------------------------------
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 10737418240", b"Transfer-Encoding: chunked"])
+@pytest_twisted.ensureDeferred
+async def test_a_request_body_is_refused_before_it_is_read(serve, framing):
+    port = serve(build_main_site(derp_enabled=True, home="", hostname="derp.example.com"))
+    reply = await deferToThread(_exchange, port, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n0123")
+    assert reply.startswith(b"HTTP/1.1 413 ") and reply.endswith(b"no endpoint takes a request body\n")
+
+
+def test_a_trickled_request_is_cut_at_its_deadline():
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from derpbox.web.endpoints import REQUEST_DEADLINE
+
+    clock = Clock()
+    site = QuietSite(build_main_site(derp_enabled=True, home="", hostname="derp.example.com").resource, reactor=clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /derp/probe HTTP/1.1\r\n")
+    for _ in range(int(REQUEST_DEADLINE) - 1):
+        clock.advance(1)
+        channel.dataReceived(b"X-Slow: 1\r\n")  # every byte resets Twisted's idle timer; not this one
+    assert not transport.disconnecting
+    clock.advance(1.5)
+    assert transport.disconnecting or transport.disconnected
+    channel.connectionLost(None)
+
+
+def test_a_complete_request_stops_its_deadline():
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from derpbox.web.endpoints import REQUEST_DEADLINE
+
+    clock = Clock()
+    site = QuietSite(build_main_site(derp_enabled=True, home="", hostname="derp.example.com").resource, reactor=clock)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    clock.advance(REQUEST_DEADLINE + 1)  # kept alive, idle: only Twisted's idle timeout applies
+    assert channel._deadline is None

@@ -101,13 +101,59 @@ class _Request(server.Request):
         super().write(data)
 
 
-class QuietSite(server.Site):
-    """Site without access logging, Server header or HTTP/2."""
+# A whole request, head and body, must arrive within this: Twisted's own timeout is an
+# idle timer that every byte resets, so a request trickled a byte at a time held its
+# connection (and a file descriptor) forever.
+REQUEST_DEADLINE = 30.0
+_BODY_REFUSED = (b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 b"Content-Length: 33\r\nConnection: close\r\n\r\nno endpoint takes a request body\n")
 
+
+class BoundedHTTPChannel(http.HTTPChannel):
+    """HTTP/1.1 for derpbox's endpoints: none takes a request body (a 10 GiB
+    Content-Length would otherwise be spooled to disk), and each request has a deadline."""
+
+    _deadline = None
+
+    def lineReceived(self, line: bytes):
+        if self._deadline is None:
+            self._deadline = self.callLater(REQUEST_DEADLINE, self._too_slow)
+        return super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        if self.length or request.requestHeaders.hasHeader(b"transfer-encoding"):
+            self.transport.write(_BODY_REFUSED)
+            self.transport.loseConnection()
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.transport.abortConnection()
+
+
+class QuietSite(server.Site):
+    """Site without access logging, Server header or HTTP/2, with bounded requests."""
+
+    protocol = BoundedHTTPChannel
     requestFactory = _Request
 
-    def __init__(self, resource: Resource) -> None:
-        super().__init__(resource, timeout=_IDLE_TIMEOUT)
+    def __init__(self, resource: Resource, reactor=None) -> None:
+        super().__init__(resource, timeout=_IDLE_TIMEOUT, reactor=reactor)
 
     def log(self, request: server.Request) -> None:
         # A relay is probed constantly; one log line per request is noise.
