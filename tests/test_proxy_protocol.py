@@ -462,8 +462,9 @@ def test_real_client_address_reaches_admission_peers_and_logs(start_server, head
     with pytest.raises((ConnectionError, OSError)):
         yield deferToThread(connect_with, server.port, preamble, stranger)
     assert any(f"{nodekey(stranger)} from {client[0]} rejected by url check" in line for line in log_lines)
-    closing = [line for line in log_lines if line.startswith("closing <Peer")]
-    assert closing and f" {client[0]}:{client[1]} " in closing[0], "\n".join(log_lines)
+    closing = [line for line in log_lines if line.startswith("closing client ")]
+    host = f"[{client[0]}]" if ":" in client[0] else client[0]
+    assert closing and f" from {host}:{client[1]}: " in closing[0], "\n".join(log_lines)
     assert not any("127.0.0.1" in line for line in closing)
 
 

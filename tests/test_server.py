@@ -556,3 +556,26 @@ def test_client_recv_timeout_over_tls_is_a_timeout_not_a_close(start_server):
 
     closed, pong = yield deferToThread(go)
     assert not closed and pong == b"pingpong"
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_clients_failing_the_same_way_make_one_log_line(start_server, log_lines):
+    """Per-connection failure lines are folded: 30 bad WebSocket clients, one line."""
+    server = yield start_server(tls=False)
+
+    def bad_websocket_client():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      b"Sec-WebSocket-Protocol: derp\r\n\r\n")
+            s.sendall(b"\x81\x80abcd")  # a masked text frame: DERP takes binary only
+            try:
+                while s.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass  # the server aborts the connection after its close frame
+
+    for _ in range(30):
+        yield deferToThread(bad_websocket_client)
+    lines = [line for line in log_lines if "text messages are not supported" in line]
+    assert len(lines) == 1, lines

@@ -162,7 +162,8 @@ class Peer:
         else:
             self.relay.stats.protocol_errors += 1
         # Identical reasons (a scanner repeating itself) are folded into one line a minute.
-        self.relay.noise.info(reason, "closing {peer}: {reason}", peer=self, reason=reason)
+        # A string, not the peer: a log buffer must not keep the closed connection alive.
+        self.relay.noise.info(reason, "closing {peer}: {reason}", peer=self.describe(), reason=reason)
         self.conn.abort()
         self.connection_lost(reason)
 

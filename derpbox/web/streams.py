@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.logger import Logger
-
 from ..protocol.websocket import (
     BinaryData,
     Close,
@@ -25,8 +23,6 @@ from ..protocol.websocket import (
 from ..relay.peer import Peer
 
 __all__ = ["DERPStream", "WebSocketStream", "WS_CHUNK"]
-
-log = Logger()
 
 # Browsers accept any size, but small messages keep every WebSocket reader happy.
 WS_CHUNK = 32 << 10
@@ -105,7 +101,7 @@ class WebSocketStream(_Stream):
         try:
             events = self._decoder.feed(data)
         except WebSocketError as e:
-            log.info("{peer}: WebSocket error {code}: {reason}", peer=peer, code=e.code, reason=e.reason)
+            # Logged by fail(), folded with the other connections failing the same way.
             self.transport.write(encode_close(e.code, e.reason))
             peer.fail(f"WebSocket error {e.code}: {e.reason}")
             return
