@@ -5,8 +5,11 @@ With thousands of idle connections that walk stalls the reactor for tens of
 milliseconds, which shows up as relay latency and drops. Connections are freed by
 reference counting (Twisted and derpbox break their cycles on close), so
 long-lived objects are moved out of the collector's sight with ``gc.freeze()``
-every few seconds; a rare full collection catches any cyclic garbage that was
-frozen anyway. glibc's ``malloc_trim`` then hands freed pages back to the OS.
+every few seconds, right after a collection of the young generations, so fresh cyclic
+garbage is freed rather than frozen (a closed TLS connection can leave one: the failure
+that ended it holds a traceback whose frames refer back to it); a rare full collection
+catches anything frozen anyway. glibc's ``malloc_trim`` then hands freed pages back to
+the OS.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ def _malloc_trim():
         return None
 
 
+def freeze_young() -> None:
+    """Free the young generations' cyclic garbage, then freeze what is left."""
+    gc.collect(1)
+    gc.freeze()
+
+
 def full_collect() -> None:
     started = time.perf_counter()
     gc.unfreeze()
@@ -47,7 +56,8 @@ def full_collect() -> None:
 class HeapService(Service):
     def __init__(self):
         trim = _malloc_trim()
-        self._loops = [(LoopingCall(gc.freeze), FREEZE_INTERVAL), (LoopingCall(full_collect), FULL_COLLECT_INTERVAL)]
+        self._loops = [(LoopingCall(freeze_young), FREEZE_INTERVAL),
+                       (LoopingCall(full_collect), FULL_COLLECT_INTERVAL)]
         if trim is not None:
             self._loops.append((LoopingCall(trim, 0), TRIM_INTERVAL))
 
