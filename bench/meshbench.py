@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 import derpbench
-from derpbench import BENCH_DIR, fmt, free_port, machine_info, raise_nofile, run_load, stop, wait_listening
+from derpbench import (BENCH_DIR, fmt, free_port, machine_info, median, raise_nofile, report_head, run_load, stop,
+                       wait_listening)
 
 sys.path.insert(0, str(BENCH_DIR.parent))
 from tests.certs import make_cert  # noqa: E402  (the repository's own throwaway CA)
@@ -108,14 +109,8 @@ def run_config(config: str, rates: list[int], args, out: Path, started: str, der
     return rows
 
 
-def median(rows: list[dict], key: str):
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def report(res: dict) -> str:
-    lines = [f"# meshbench {res['started']}", "", f"Command: `{res['command']}`", ""]
-    lines += [f"- {k}: {v}" for k, v in res["machine"].items()]
+    lines = report_head(f"meshbench {res['started']}", res)
     lines += ["", f"{res['pairs']} pairs, 1200-byte packets, {res['duration']} s measured per row, "
               f"{res['repeat']} runs per row (medians; the range in brackets). Senders on the first node, "
               "receivers on the second: every packet crosses the mesh once. CPU s/Mpkt = CPU seconds of that "

@@ -24,7 +24,6 @@ import json
 import re
 import shlex
 import socket
-import statistics
 import struct
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import derpbench
-from derpbench import BENCH_DIR, fmt, machine_info, raise_nofile, run_load, start_derpbox, stop
+from derpbench import BENCH_DIR, fmt, machine_info, median, raise_nofile, report_head, run_load, start_derpbox, stop
 from nacl.public import PrivateKey
 
 CONFIGS = ("1-worker", "2-local", "2-cross", "2-kernel")
@@ -141,14 +140,8 @@ def run_config(config: str, rates: list[int], args, out: Path, started: str) -> 
     return rows
 
 
-def median(rows: list[dict], key: str):
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def report(res: dict) -> str:
-    out = [f"# derpbox workers: 2 against 1 ({res['started']})", "", f"Command: `{res['command']}`", ""]
-    out += [f"- {k}: {v}" for k, v in res["machine"].items()]
+    out = report_head(f"derpbox workers: 2 against 1 ({res['started']})", res)
     out += ["", f"{res['pairs']} pairs, 1200-byte packets over TLS, {res['duration']} s measured per row, "
             f"{res['repeat']} runs per configuration (alternating); medians. Server CPU is the supervisor "
             "and its workers together. crossing = the share of the row's packets (warm-up and drain "

@@ -534,17 +534,23 @@ async def test_a_request_body_is_refused_before_it_is_read(serve, framing):
     assert reply.startswith(b"HTTP/1.1 413 ") and reply.endswith(b"no endpoint takes a request body\n")
 
 
-def test_a_trickled_request_is_cut_at_its_deadline():
+def clocked_channel():
+    """The main site's HTTP channel on a fake clock: (clock, channel, transport)."""
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
-
-    from derpbox.web.endpoints import REQUEST_DEADLINE
 
     clock = Clock()
     site = QuietSite(build_main_site(derp_enabled=True, home="", hostname="derp.example.com").resource, reactor=clock)
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
+    return clock, channel, transport
+
+
+def test_a_trickled_request_is_cut_at_its_deadline():
+    from derpbox.web.endpoints import REQUEST_DEADLINE
+
+    clock, channel, transport = clocked_channel()
     channel.dataReceived(b"GET /derp/probe HTTP/1.1\r\n")
     for _ in range(int(REQUEST_DEADLINE) - 1):
         clock.advance(1)
@@ -556,16 +562,9 @@ def test_a_trickled_request_is_cut_at_its_deadline():
 
 
 def test_a_complete_request_stops_its_deadline():
-    from twisted.internet.task import Clock
-    from twisted.internet.testing import StringTransport
-
     from derpbox.web.endpoints import REQUEST_DEADLINE
 
-    clock = Clock()
-    site = QuietSite(build_main_site(derp_enabled=True, home="", hostname="derp.example.com").resource, reactor=clock)
-    channel = site.buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
+    clock, channel, transport = clocked_channel()
     channel.dataReceived(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     clock.advance(REQUEST_DEADLINE + 1)  # kept alive, idle: only Twisted's idle timeout applies
