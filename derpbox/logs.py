@@ -24,6 +24,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from .counters import counter
+
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 # Keys remembered per throttle; beyond this the oldest are forgotten.
 MAX_KEYS = 4096
@@ -109,9 +111,52 @@ def _tag_worker(index: int):
     return tag
 
 
+class AcceptRefusals:
+    """Connections closed unread because the process is at its open-file limit.
+
+    Twisted's accept loop handles EMFILE itself (it frees a reserved descriptor and closes
+    each waiting connection) and logs three lines per refused connection. Its events are
+    the only place these refusals show, so they are counted here, and folded into one
+    warning a minute with the count.
+    """
+
+    METRICS = (counter("refused", "derpbox_accept_refusals_fd_limit",
+                       "Connections closed unread because the open-file limit was reached."),)
+    REFUSED = ("EMFILE recovery: Closed socket from {address}", "Could not accept new connection ({acceptError})")
+    NOISE = ("EMFILE encountered; releasing reserved file descriptor.", "Re-reserving EMFILE recovery file descriptor.")
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.refused = 0
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._since = 0
+
+    def __call__(self, event) -> PredicateResult:
+        fmt = event.get("log_format")
+        if fmt in self.NOISE:
+            return PredicateResult.no
+        if fmt not in self.REFUSED:
+            return PredicateResult.maybe
+        self.refused += 1
+        self._since += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            return PredicateResult.no
+        self._last = now
+        event["log_format"] = ("refusing new connections: the open-file limit is reached ({refused_since} since the "
+                               "last such line); raise it (LimitNOFILE, ulimit -n) or see what holds the files")
+        event["refused_since"], self._since = self._since, 0
+        event["log_level"] = LogLevel.warn
+        return PredicateResult.maybe
+
+
+ACCEPT_REFUSALS = AcceptRefusals()
+
+
 def start_logging(level: str, fmt: str, stream: TextIO = sys.stderr, worker: int | None = None) -> None:
     observer = json_observer(stream) if fmt == "json" else textFileLogObserver(stream)
-    predicates = [_quiet_twisted, LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])]
+    predicates = [ACCEPT_REFUSALS, _quiet_twisted, LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])]
     if worker is not None:
         predicates.insert(0, _tag_worker(worker))
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, predicates)], redirectStandardIO=False)

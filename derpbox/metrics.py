@@ -23,6 +23,7 @@ from operator import attrgetter
 
 from . import __version__
 from .counters import HISTOGRAM, Metric
+from .logs import ACCEPT_REFUSALS
 
 __all__ = ["CONTENT_TYPE", "Family", "Metrics", "declared", "render", "open_fds", "sample_key", "vars_of"]
 
@@ -170,6 +171,7 @@ class Metrics:
         fams.append(Family("derp_clients_local", "gauge", "Distinct client keys connected to this node.").add(local))
         fams.append(Family("derp_clients_remote", "gauge", "Distinct client keys connected only via mesh peers.").add(remote))
         fams.append(Family("derp_current_file_descriptors", "gauge", "Open file descriptors of the process.").add(fds))
+        fams += declared(ACCEPT_REFUSALS, ACCEPT_REFUSALS.METRICS)
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 

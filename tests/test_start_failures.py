@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from .support import unused_port
+
 TIMEOUT = 20
 
 
@@ -169,5 +171,61 @@ def test_open_files_and_listen_backlog_are_the_systems_maximum(tmp_path):
             out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
             assert out.split()[2] == str(somaxconn), out  # Send-Q of a listening socket: its backlog
     finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+def test_connections_refused_at_the_open_file_limit_are_counted_in_one_line(tmp_path):
+    """At its open-file limit Twisted closes each waiting connection and logs three lines for
+    it; derpbox counts them (derpbox_accept_refusals_fd_limit) and logs one folded line."""
+    import resource
+    import time
+    import urllib.request
+
+    limit = 64
+    port = unused_port()
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    log = tmp_path / "derpbox.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "derpbox", "-tls", "off", "-c", str(tmp_path / "derper.key"),
+                                 "-a", f"127.0.0.1:{port}", "-stun=false"], stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=low_limit)
+    held = []
+    try:
+        deadline = time.monotonic() + 20
+        while "listening on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        # Connections that say nothing: each holds one of the server's descriptors.
+        for _ in range(limit + 40):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        deadline = time.monotonic() + 20
+        while "refusing new connections" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        for s in held:
+            s.close()
+        held.clear()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/varz", timeout=5) as resp:
+                    text = resp.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        refused = next(float(line.split()[1]) for line in text.splitlines()
+                       if line.startswith("derpbox_accept_refusals_fd_limit "))
+        assert refused >= 1
+        lines = log.read_text()
+        assert lines.count("refusing new connections: the open-file limit is reached") == 1
+        assert "EMFILE" not in lines
+    finally:
+        for s in held:
+            s.close()
         proc.terminate()
         proc.wait(TIMEOUT)
