@@ -131,6 +131,9 @@ def render(families: list[Family]) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
+WORKER_LINKS = "derpbox_worker_links_up"
+
+
 class Metrics:
     """All of derpbox's metrics, read from the live stats objects on demand."""
 
@@ -143,6 +146,7 @@ class Metrics:
         *,
         cert_source=None,
         mesh_stats=None,
+        worker_links=None,
         start_time: float | None = None,
         clock=time.time,
     ) -> None:
@@ -153,6 +157,8 @@ class Metrics:
         # The TLS certificate source (manual files or ACME), None without TLS.
         self.cert_source = cert_source
         self.mesh_stats = mesh_stats
+        # A worker (derpbox.workers): how many of its links to the other workers are up.
+        self.worker_links = worker_links
         self.clock = clock
         self.start_time = clock() if start_time is None else start_time
 
@@ -172,6 +178,9 @@ class Metrics:
         fams.append(Family("derp_clients_remote", "gauge", "Distinct client keys connected only via mesh peers.").add(remote))
         fams.append(Family("derp_current_file_descriptors", "gauge", "Open file descriptors of the process.").add(fds))
         fams += declared(ACCEPT_REFUSALS, ACCEPT_REFUSALS.METRICS)
+        if self.worker_links is not None:
+            fams.append(Family(WORKER_LINKS, "gauge", "Links from this worker to the node's other workers that are up.")
+                        .add(self.worker_links()))
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 

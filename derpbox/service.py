@@ -265,6 +265,8 @@ class DerpboxService(MultiService):
             self.tls_stats,
             cert_source=self.cert_source,
             mesh_stats=self.mesh.stats if self.mesh is not None else None,
+            # Read at scrape time: the workers' mesh is made further down.
+            worker_links=(lambda: sum(self.worker_mesh.stats.up.values())) if worker is not None else None,
         )
         self.site = self._main_site(environ)
         self.front = FrontFactory(

@@ -186,6 +186,8 @@ def test_one_scrape_shows_the_node_totals(node):
         assert _sample(text, "derp_packets_sent") == 12
         assert _sample(text, "derp_packets_forwarded_out") == 7
         assert 'derpbox_workers_up{worker="0"} 1' in text and 'derpbox_workers_up{worker="1"} 1' in text
+        # Each worker's links to the others, per worker (the healthcheck fails a worker without them).
+        assert 'derpbox_worker_links_up{worker="0"} 1' in text and 'derpbox_worker_links_up{worker="1"} 1' in text
         # Three clients on the node; the workers' links to each other are not clients.
         assert _sample(text, "derp_clients_local") == 3 and _sample(text, "derp_clients_total") == 3
         assert _sample(text, "derp_clients_remote") == 0
@@ -356,3 +358,15 @@ def test_acme_tls_alpn_with_two_workers_and_port_80_off(node, pebble, tmp_path):
         assert time.monotonic() < deadline, f"not both workers got the certificate: {n.log_text()[-3000:]}"
         time.sleep(0.2)
     assert n.vars(0)["derpbox_acme_issued"] == 1
+
+
+def test_healthcheck_fails_a_worker_not_yet_linked_to_the_others():
+    from derpbox.checks.healthcheck import _one_line_each
+    from derpbox.checks.results import FAIL, OK, Result
+
+    data = {"workers": [{"worker": "0", "up": True, "connections": 3, "links": 2, "others": 2},
+                        {"worker": "1", "up": True, "connections": 1, "links": 1, "others": 2},
+                        {"worker": "2", "up": False, "connections": None, "links": None, "others": 2}]}
+    lines = _one_line_each(Result("workers", OK, "3 workers", data=data))
+    assert [(r.name, r.status) for r in lines] == [("worker 0", OK), ("worker 1", FAIL), ("worker 2", FAIL)]
+    assert lines[1].detail == "up, but linked to 1 of the 2 other workers"

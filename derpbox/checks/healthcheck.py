@@ -161,7 +161,9 @@ class LocalInstance:
         if not isinstance(up, dict):
             raise CheckFailed("the server runs as one process (no workers)")
         conns = node.get("derpbox_worker_current_connections", {})
-        workers = [{"worker": key.removeprefix("worker="), "up": bool(value), "connections": conns.get(key)}
+        links = node.get("derpbox_worker_links_up", {})
+        workers = [{"worker": key.removeprefix("worker="), "up": bool(value), "connections": conns.get(key),
+                    "links": links.get(key), "others": len(up) - 1}
                    for key, value in up.items()]
         return Result("workers", OK, f"{len(workers)} workers", data={"workers": workers})
 
@@ -180,12 +182,20 @@ class LocalInstance:
         return Result(f"admission {_redact(url)}", OK, f"reachable (HTTP {status})")
 
 
+def _worker_line(w: dict) -> Result:
+    name = f"worker {w['worker']}"
+    if not w["up"]:
+        return Result(name, FAIL, "not answering (restarting, or stuck)")
+    if w["links"] is not None and w["links"] < w["others"]:
+        # It serves its own clients, but theirs and the other workers' cannot reach each other yet.
+        return Result(name, FAIL, f"up, but linked to {w['links']:g} of the {w['others']} other workers")
+    return Result(name, OK, f"up, {w['connections']} connections")
+
+
 def _one_line_each(result: Result) -> list[Result]:
     """A check's result as printed: the mesh and workers checks give a line per peer or worker."""
     if result.name == "workers" and "workers" in result.data:
-        return [Result(f"worker {w['worker']}", OK, f"up, {w['connections']} connections") if w["up"]
-                else Result(f"worker {w['worker']}", FAIL, "not answering (restarting, or stuck)")
-                for w in result.data["workers"]]
+        return [_worker_line(w) for w in result.data["workers"]]
     if result.name != "mesh" or "peers" not in result.data:
         return [result]
     lines = []

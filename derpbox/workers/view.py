@@ -16,7 +16,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from ..metrics import Family, Metrics, sample_key
+from ..metrics import WORKER_LINKS, Family, Metrics, sample_key
 from .context import WorkerContext
 
 WORKER_SCOPE = b"worker"
@@ -69,12 +69,17 @@ class NodeView:
         up = Family("derpbox_workers_up", "gauge", "Workers of this node that answered this scrape, by worker.")
         per_worker = Family("derpbox_worker_current_connections", "gauge",
                             "Connections on each worker, its links to the other workers included.")
-        views = {self.worker.index: {"derp_current_connections": _value(own, "derp_current_connections")}, **others}
+        links = Family(WORKER_LINKS, "gauge", "Links from each worker to the node's other workers that are up "
+                       "(all of them once clients on different workers can reach each other).")
+        views = {self.worker.index: {name: _value(own, name) for name in ("derp_current_connections", WORKER_LINKS)},
+                 **others}
         for i in range(self.worker.count):
             up.add(1 if i in views else 0, worker=str(i))
             if i in views:
                 per_worker.add(views[i]["derp_current_connections"], worker=str(i))
-        return merged + [up, per_worker]
+                links.add(views[i].get(WORKER_LINKS, 0), worker=str(i))
+        # Per worker, not summed: a sum would hide the one worker that is not linked up yet.
+        return [fam for fam in merged if fam.name != WORKER_LINKS] + [up, per_worker, links]
 
     @defer.inlineCallbacks
     def problems(self, own: list[str]):
