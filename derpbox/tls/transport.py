@@ -1,4 +1,5 @@
-"""The TLS transport under DERP connections: encrypt and send in the pass that writes.
+"""The TLS transport under DERP connections: encrypt and send in the pass that writes,
+and hand over what one socket read decrypted in one piece.
 
 Twisted's default (``BufferingTLSTransport``) holds small writes for a ``callLater(0)``
 and then queues the ciphertext until the socket reports EPOLLOUT: a relayed packet leaves
@@ -6,20 +7,53 @@ two reactor passes and two ``epoll_ctl`` calls after it was routed. The relay al
 writes each connection once per pass (``Peer.flush``), so that aggregation buys nothing
 here; this transport encrypts at once and hands the records to the socket directly when
 nothing is queued before them (``derpbox.sendnow``).
+
+On the way in, Twisted calls the protocol once per TLS record, and Go's client seals one
+record per packet: the relay would parse, route and flush once per packet. Here the
+records that one socket read brought are decrypted first and delivered together.
 """
 
 from __future__ import annotations
 
-from OpenSSL.SSL import WantReadError
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from ..sendnow import write_now
 
 # What one read of OpenSSL's send buffer takes: several full records at once.
 SEND_CHUNK = 1 << 17
+# What one SSL_read may return: a record's plaintext is at most 16 KiB.
+RECV_CHUNK = 1 << 15
 
 
 class SendNowTLS(TLSMemoryBIOProtocol):
+    def _flushReceiveBIO(self) -> None:
+        # Twisted's loop over SSL_read, delivering once at the end instead of per record;
+        # its handling of a TLS shutdown and of errors is kept, after what came before them.
+        chunks: list[bytes] = []
+        while not self._lostTLSConnection:
+            try:
+                chunks.append(self._tlsConnection.recv(RECV_CHUNK))
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                self._deliver(chunks)
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._deliver(chunks)
+                self._tlsShutdownFinished(Failure())
+        self._deliver(chunks)
+        self._flushSendBIO()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if chunks and not self._aborted:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            ProtocolWrapper.dataReceived(self, data)
+
     def _flushSendBIO(self) -> None:
         # Twisted's hook between OpenSSL's output buffer and the transport below.
         try:
