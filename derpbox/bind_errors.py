@@ -11,6 +11,8 @@ import os
 
 from twisted.internet.error import CannotListenError
 
+from .netaddr import host_port
+
 LOW_PORTS = (
     "ports below 1024 need the net.ipv4.ip_unprivileged_port_start sysctl, "
     "the CAP_NET_BIND_SERVICE capability, or a higher port"
@@ -30,7 +32,7 @@ def listen_error(what: str, host: str, port: int, proto: str, error: BaseExcepti
     """``error`` (an OSError, or Twisted's CannotListenError around one) as one line."""
     if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
         error = error.socketError
-    address = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    address = host_port(host or "*", port)
     code = getattr(error, "errno", None)
     if code == errno.EADDRINUSE:
         holder = port_holder(proto, port)

@@ -58,6 +58,11 @@ def in_networks(ip: IPAddress | None, networks: Iterable[IPNetwork]) -> bool:
     return ip is not None and any(ip.version == net.version and ip in net for net in networks)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def ip16(text: str) -> bytes:
     """The 16-byte form of an address (IPv4 as ::ffff:a.b.c.d) as DERP frames carry it; zeros if none."""
     ip = parse_ip(text)

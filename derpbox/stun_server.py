@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from .bind_errors import NO_IPV6, ListenError, listen_error
 from .counters import counter
+from .netaddr import host_port
 from .protocol.stun import RESPONSE_LEN_IPV4, build_binding_response, parse_binding_request
 
 log = Logger()
@@ -144,8 +145,7 @@ class STUNService(service.Service):
             return
         for port in self.ports:
             addr = port.getHost()
-            host = f"[{addr.host}]" if ":" in addr.host else addr.host
-            log.info("STUN listening on {host}:{port} (UDP)", host=host, port=addr.port)
+            log.info("STUN listening on {address} (UDP)", address=host_port(addr.host, addr.port))
         self.ready = defer.succeed(self)
 
     def stopService(self) -> defer.Deferred:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..netaddr import is_ip
+from ..netaddr import host_port, is_ip
 from ..tls.pins import parse_pin
 
 _PORT = re.compile(r"^(?P<host>\[[^\]]+\]|[^:\[\]]+)(?::(?P<port>[0-9]+))?$")
@@ -39,8 +39,7 @@ class MeshPeerSpec:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}/derp"
+        return f"https://{host_port(self.host, self.port)}/derp"
 
 
 def parse_entry(entry: str, cert_name: str = "") -> MeshPeerSpec:

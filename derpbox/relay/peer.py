@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from ..netaddr import host_port
 from ..protocol.frames import (
     CLIENT_FRAME_BOUNDS,
     HEADER_LEN,
@@ -138,8 +139,7 @@ class Peer:
 
     def describe(self) -> str:
         """For log lines: the key's first hex digits and the client's address."""
-        host, port = self.remote[0], self.remote[1]
-        return f"client {self.key.hex()[:8] if self.key else '?'} from {f'[{host}]' if ':' in host else host}:{port}"
+        return f"client {self.key.hex()[:8] if self.key else '?'} from {host_port(self.remote[0], self.remote[1])}"
 
     # -- lifecycle -------------------------------------------------------
 
