@@ -245,16 +245,12 @@ class DerpboxService(MultiService):
             admission=self.admission,
             worker_mesh_key=worker.mesh_key if worker is not None else None,
         )
-        summary = TimerService(SUMMARY_INTERVAL, TrafficSummary(self.relay.stats, reactor).report)
-        summary.clock = reactor
-        summary.setServiceParent(self)
+        self._every(SUMMARY_INTERVAL, TrafficSummary(self.relay.stats, reactor).report)
         self.cert_source = build_cert_source(settings, reactor, worker) if settings.use_tls else None
         if self.cert_source is not None:
             watch = ExpiryWatch(self.cert_source, reactor,
                                 self_signed_ip=settings.hostname_is_ip and settings.certmode == "manual")
-            expiry = TimerService(EXPIRY_CHECK_INTERVAL, watch.check)
-            expiry.clock = reactor
-            expiry.setServiceParent(self)
+            self._every(EXPIRY_CHECK_INTERVAL, watch.check)
         self.mesh = self._mesh_service(private_key, serve.mesh_key)
         self.stun_stats = STUNStats()
         self.tls_stats = TLSStats() if settings.use_tls else None
@@ -292,6 +288,12 @@ class DerpboxService(MultiService):
         self._log_start(serve)
 
     # -- __init__'s builders
+
+    def _every(self, interval: float, call) -> None:
+        """``call`` every ``interval`` seconds while the service runs (and once at start)."""
+        timer = TimerService(interval, call)
+        timer.clock = self.reactor
+        timer.setServiceParent(self)
 
     def _worker_mesh(self) -> MeshService | None:
         """A worker listens for the other workers on its unix socket and dials each of them."""
