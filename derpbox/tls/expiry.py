@@ -9,8 +9,6 @@ node's certificate" says how).
 
 from __future__ import annotations
 
-import datetime
-
 from twisted.logger import Logger
 
 from .certs import CertificateSource
@@ -29,20 +27,14 @@ class ExpiryWatch:
         self.clock = clock
         self.self_signed_ip = self_signed_ip
 
-    def days_left(self) -> float | None:
+    def check(self) -> None:
         current = self.source.current()
         if current is None:
-            return None
-        return (current.not_after.timestamp() - self.clock.seconds()) / DAY
-
-    def check(self) -> None:
-        days = self.days_left()
-        if days is None:
             return
-        ahead = SELF_SIGNED_WARNING_DAYS if self.self_signed_ip else WARNING_DAYS
-        if days >= ahead:
+        when = current.not_after
+        days = (when.timestamp() - self.clock.seconds()) / DAY
+        if days >= (SELF_SIGNED_WARNING_DAYS if self.self_signed_ip else WARNING_DAYS):
             return
-        when = datetime.datetime.fromtimestamp(self.source.current().not_after.timestamp(), datetime.timezone.utc)
         what = ("the self-signed IP certificate (its sha256-raw pin is in the DERP map)" if self.self_signed_ip
                 else "the TLS certificate")
         if days <= 0:

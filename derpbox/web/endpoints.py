@@ -105,8 +105,9 @@ class _Request(server.Request):
 # idle timer that every byte resets, so a request trickled a byte at a time held its
 # connection (and a file descriptor) forever.
 REQUEST_DEADLINE = 30.0
+_NO_BODY = b"no endpoint takes a request body\n"
 _BODY_REFUSED = (b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                 b"Content-Length: 33\r\nConnection: close\r\n\r\nno endpoint takes a request body\n")
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_NO_BODY), _NO_BODY))
 
 
 class BoundedHTTPChannel(http.HTTPChannel):
