@@ -108,3 +108,13 @@ def wait_until_listening(port: int, proc, timeout: float = 15.0) -> None:
             assert proc.poll() is None, "the process exited"
             assert time.monotonic() < deadline, f"nothing listened on {port} in time"
             time.sleep(0.05)
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` to 127.0.0.1:``port`` and return everything until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out

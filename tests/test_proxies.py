@@ -33,6 +33,7 @@ from derpbox.client import DERPClient
 
 from .conftest import make_cert
 from .fakes.headscale import FakeHeadscale
+from .support import exchange
 from .tailcat import Tailcat, needs_tailcat, ping
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,15 +272,6 @@ def tls_request(port: int, server_name: str, request: bytes, source=None) -> byt
                 out += chunk
 
 
-def plain_request(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(request)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-
-
 # -- the tests ----------------------------------------------------------------
 
 
@@ -332,7 +324,7 @@ def test_port80_reaches_derpbox(proxy, request, derpbox_behind):
     p = request.getfixturevalue(proxy)
     yield derpbox_behind(proxy)
     req = b"GET /generate_204 HTTP/1.1\r\nHost: derp.test\r\nConnection: close\r\n\r\n"
-    got = yield deferToThread(plain_request, p["http"], req)
+    got = yield deferToThread(exchange, p["http"], req)
     assert got.startswith(b"HTTP/1.1 204 "), got[:200]
 
 
@@ -404,7 +396,7 @@ def test_haproxy_as_shipped_starts_without_a_web_service(tmp_path):
     # Running, the unresolvable web server is down and another name gets no site, not a crash.
     log = tmp_path / "haproxy.log"
     with running([exe, "-db", "-f", str(cfg)], log, lambda proc: wait_ports(proc, log, tls, http)):
-        resp = plain_request(http, b"GET / HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n")
+        resp = exchange(http, b"GET / HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n")
         assert resp.startswith(b"HTTP/1.1 503 ")
 
 

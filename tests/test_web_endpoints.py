@@ -21,6 +21,8 @@ from derpbox.web.debug import DebugResource
 from derpbox.web.endpoints import BROWSER_HEADERS, QuietSite, build_main_site
 from derpbox.web.port80 import build_port80_site
 
+from .support import exchange as raw_exchange
+
 SECURITY_HEADERS = {name.decode().lower(): value.decode() for name, value in BROWSER_HEADERS.items()}
 NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
 CSP = (
@@ -517,20 +519,11 @@ async def test_debug_mount_keeps_other_paths(debug_sites):
 # -- bounded requests ---------------------------------------------------------------------------
 
 
-def _exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-
-
 @pytest.mark.parametrize("framing", [b"Content-Length: 10737418240", b"Transfer-Encoding: chunked"])
 @pytest_twisted.ensureDeferred
 async def test_a_request_body_is_refused_before_it_is_read(serve, framing):
     port = serve(build_main_site(derp_enabled=True, home="", hostname="derp.example.com"))
-    reply = await deferToThread(_exchange, port, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n0123")
+    reply = await deferToThread(raw_exchange, port, b"POST /derp/probe HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n0123")
     assert reply.startswith(b"HTTP/1.1 413 ") and reply.endswith(b"no endpoint takes a request body\n")
 
 
