@@ -146,10 +146,12 @@ class Settings:
     def not_yet_supported(self) -> list[str]:
         """derper settings this version accepts (so command lines keep working) but
         does not act on: each set to a non-default value is named, never ignored silently."""
-        found = [flag for name, flag in _IGNORED_DERPER_FEATURES.items() if getattr(self, name)]
-        if self.accept_connection_limit != math.inf or self.accept_connection_burst != sys.maxsize:
-            found.append("-accept-connection-limit/-accept-connection-burst")
-        return found
+        return [flag for name, flag in _IGNORED_DERPER_FEATURES.items() if getattr(self, name)]
+
+    @property
+    def accept_limited(self) -> bool:
+        """-accept-connection-limit or -accept-connection-burst set to other than derper's defaults."""
+        return self.accept_connection_limit != math.inf or self.accept_connection_burst != sys.maxsize
 
 
 # derper features this version does not have. Ignoring these costs only the feature, so they
@@ -158,13 +160,14 @@ _IGNORED_DERPER_FEATURES = {
     "acme_ip_certs": "-acme-ip-certs",
     "bootstrap_dns_names": "-bootstrap-dns-names",
     "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
-    "rate_config": "-rate-config",
-    "ace": "-ace",
 }
-# Ignoring these would run a different relay than asked for (no mesh key): the
-# server refuses to start (load_serve_settings).
+# Tailscale-internal services: ignoring them would run a different relay than asked for
+# (no mesh key, no CONNECT proxy), so the server refuses to start (load_serve_settings).
 _REFUSED_DERPER_FEATURES = {
-    "secrets_url": "-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file",
+    "secrets_url": "-secrets-url: fetching the mesh key from a setec server (Tailscale's internal secrets "
+                   "service) is not supported; use -mesh-psk-file or -mesh-key",
+    "ace": "-ace: derper's experimental CONNECT proxy serves Tailscale's own infrastructure and is not "
+           "part of derpbox; remove the flag (DERP_ACE)",
 }
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+COUNTER, GAUGE, HISTOGRAM, UNTYPED = "counter", "gauge", "histogram", "untyped"
 
 
 class Metric(NamedTuple):
     attr: str  # the attribute of the stats object holding the value
     name: str  # the exposition name (derper's, where derper has the metric)
-    type: str  # COUNTER, GAUGE or HISTOGRAM (the attribute is then a Histogram)
+    type: str  # COUNTER, GAUGE, UNTYPED (as derper's float expvars) or HISTOGRAM (the attribute is a Histogram)
     help: str
     # With labels, the attribute is a dict keyed by the label value (a tuple of
     # values for several labels); every key present is one sample.
@@ -29,6 +29,10 @@ def counter(attr: str, name: str, help: str, labels: tuple[str, ...] = ()) -> Me
 
 def gauge(attr: str, name: str, help: str, labels: tuple[str, ...] = ()) -> Metric:
     return Metric(attr, name, GAUGE, help, labels)
+
+
+def untyped(attr: str, name: str, help: str) -> Metric:
+    return Metric(attr, name, UNTYPED, help)
 
 
 def histogram(attr: str, name: str, help: str) -> Metric:

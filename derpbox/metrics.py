@@ -184,7 +184,8 @@ class Metrics:
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
-        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats):
+        # relay.rate_limits: derper shows its rate-limit metrics only with -rate-config.
+        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats, relay.rate_limits):
             if stats is not None:
                 fams += declared(stats, stats.METRICS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -30,6 +31,7 @@ from .mesh.peers import MeshService
 from .mesh.spec import MeshPeerSpec
 from .metrics import Metrics
 from .oslimits import listen_backlog
+from .relay.receive_limit import RateConfigError, RateConfigFile
 from .relay.relay import Relay
 from .relay.summary import INTERVAL as SUMMARY_INTERVAL
 from .relay.summary import TrafficSummary
@@ -41,6 +43,7 @@ from .tls.expiry import CHECK_INTERVAL as EXPIRY_CHECK_INTERVAL
 from .tls.expiry import ExpiryWatch
 from .tls.stats import TLSStats
 from .tls.transport import server_tls_factory
+from .web.accept_limit import AcceptBucket, AcceptLimitedFactory
 from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
@@ -245,6 +248,7 @@ class DerpboxService(MultiService):
             admission=self.admission,
             worker_mesh_key=worker.mesh_key if worker is not None else None,
         )
+        self.rate_config = self._rate_config()
         self._every(SUMMARY_INTERVAL, TrafficSummary(self.relay.stats, reactor).report)
         self.cert_source = build_cert_source(settings, reactor, worker) if settings.use_tls else None
         if self.cert_source is not None:
@@ -288,6 +292,15 @@ class DerpboxService(MultiService):
         self._log_start(serve)
 
     # -- __init__'s builders
+
+    def _rate_config(self) -> RateConfigFile | None:
+        if not self.settings.rate_config:
+            return None
+        try:
+            return RateConfigFile(self.settings.rate_config, self.relay)
+        except RateConfigError as e:
+            # derper refuses to start on a rate config it cannot read, too.
+            raise ConfigError(str(e)) from None
 
     def _every(self, interval: float, call) -> None:
         """``call`` every ``interval`` seconds while the service runs (and once at start)."""
@@ -375,7 +388,27 @@ class DerpboxService(MultiService):
             factory, what = self.front, "DERP (plain HTTP)"
         if settings.proxy_networks:
             what += f", PROXY protocol {settings.proxy_protocol}"
-        return self._listen(settings.listen_host, settings.listen_port, self._proxied(factory), what, "main")
+        return self._listen(settings.listen_host, settings.listen_port, self._accept_limited(self._proxied(factory)),
+                            what, "main")
+
+    def _accept_limited(self, factory):
+        """-accept-connection-limit/-burst, on the TLS listener only, as derper."""
+        settings = self.settings
+        if not settings.accept_limited:
+            return factory
+        if self.tls is None:
+            log.warn("-accept-connection-limit/-accept-connection-burst apply to the TLS listener only (as derper); "
+                     "this one serves plain HTTP")
+            return factory
+        limit, burst = settings.accept_connection_limit, settings.accept_connection_burst
+        if self.worker is not None:
+            # Each worker accepts its share of the connections (the kernel spreads them):
+            # its share of the limit keeps the node's total what the operator set.
+            limit, burst = limit / self.worker.count, math.ceil(burst / self.worker.count)
+        log.info("accepting at most {limit:g} TLS connections a second, burst {burst}{share}", limit=limit,
+                 burst=burst, share=f" (this worker's share of {self.worker.count})" if self.worker else "")
+        return AcceptLimitedFactory(factory, AcceptBucket(limit, burst, self.reactor.seconds()), self.tls_stats,
+                                    self.reactor)
 
     def _port80_listener(self, environ) -> ListenerService | None:
         if self.tls is None or self.settings.http_port < 0:
@@ -480,6 +513,8 @@ class DerpboxService(MultiService):
             SIGHUP_RELOAD.register(self.cert_source, self.reactor)
         if self.mesh is not None:
             SIGHUP_RELOAD.register(self.mesh, self.reactor)
+        if self.rate_config is not None:
+            SIGHUP_RELOAD.register(self.rate_config, self.reactor)
         if self.tls is not None and self.settings.hostname_is_ip:
             # Once listening: a listen port of 0 is known only then.
             self.main.ready.addCallback(self._announce_ip_node)
@@ -505,6 +540,8 @@ class DerpboxService(MultiService):
             self.cert_source.stop_watching()
         if self.mesh is not None:
             SIGHUP_RELOAD.unregister(self.mesh)
+        if self.rate_config is not None:
+            SIGHUP_RELOAD.unregister(self.rate_config)
         yield super().stopService()
 
     def listening(self) -> defer.Deferred:

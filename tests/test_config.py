@@ -747,7 +747,11 @@ def test_serve_refuses_what_it_cannot_do(tmp_path):
     assert load_serve_settings(load(["-mesh-with", "b.example", "-mesh-key", "34" * 32, "-mesh-psk-file",
                                      str(key)]), {}).mesh_key == bytes.fromhex("34" * 32)
     assert serve_error(["-secrets-url", "https://setec.example"]) == (
-        "-secrets-url: fetching the mesh key from a setec server is not supported; use -mesh-psk-file")
+        "-secrets-url: fetching the mesh key from a setec server (Tailscale's internal secrets service) "
+        "is not supported; use -mesh-psk-file or -mesh-key")
+    assert serve_error(["-ace"]) == (
+        "-ace: derper's experimental CONNECT proxy serves Tailscale's own infrastructure and is not part of "
+        "derpbox; remove the flag (DERP_ACE)")
     message = serve_error(["-proxy-protocol", "auto"])
     assert message.startswith("-proxy-protocol=auto needs -trusted-proxies (DERP_TRUSTED_PROXIES)")
     assert "anyone could claim any client address" in message

@@ -233,7 +233,7 @@ def test_exposition_passes_promtool(start_server, allow_two):
 def test_exposition_escapes_label_values():
     stats = TLSStats()
     stats.handshake('we"ird\\ver\nsion')
-    relay = SimpleNamespace(stats=RelayStats(),
+    relay = SimpleNamespace(stats=RelayStats(), rate_limits=None,
                             peers=lambda: iter(()), client_counts=lambda: (0, 0))
     text = Metrics(relay, tls_stats=stats).exposition()
     assert b'derper_tls_request_version{version="we\\"ird\\\\ver\\nsion"} 1\n' in text
@@ -360,7 +360,7 @@ def _dummy_debug_request(path: bytes, peer: str, args=None, headers=None):
 
 
 def _debug_resource(environ, problems=()):
-    relay = SimpleNamespace(stats=RelayStats(),
+    relay = SimpleNamespace(stats=RelayStats(), rate_limits=None,
                             peers=lambda: iter(()), client_counts=lambda: (0, 0), check_consistency=lambda: list(problems))
     return DebugResource(Metrics(relay), hostname="derp.example.com", environ=environ)
 

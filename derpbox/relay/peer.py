@@ -87,6 +87,8 @@ class Peer:
         "pong",
         "heard_from",
         "mesh_updates",
+        "bucket",
+        "_backlog",
         "_handshake_buf",
         "_held",
         "_reader",
@@ -94,6 +96,7 @@ class Peer:
         "_not_here_at",
         "_timer",
         "_write_timer",
+        "_rate_timer",
     )
 
     def __init__(self, relay: Relay, conn: Conn, remote: tuple[str, int], *, not_ideal: bool = False):
@@ -125,6 +128,10 @@ class Peer:
         self.heard_from = None
         # PeerPresent/PeerGone frames queued for this watcher since its last write.
         self.mesh_updates = 0
+        # The receive rate limit's bucket (derpbox.relay.receive_limit), None when unlimited,
+        # and the frames read while the limit holds reading paused.
+        self.bucket = None
+        self._backlog = None
         self._handshake_buf = b""
         self._held = b""
         self._reader = None
@@ -132,6 +139,7 @@ class Peer:
         self._not_here_at = 0.0
         self._timer = None
         self._write_timer = None
+        self._rate_timer = None
 
     def __repr__(self):
         key = self.key.hex()[:8] if self.key else "?"
@@ -182,6 +190,7 @@ class Peer:
         self.state = CLOSED
         self._cancel_timers()
         self._held = b""
+        self._backlog = None
         if was_active:
             # Strings, not the peer: a log buffer must not keep a closed connection alive.
             log.debug("{who} disconnected after {duration:.1f} s, {bytes_in} bytes in, {bytes_out} out: {reason}",
@@ -191,10 +200,10 @@ class Peer:
             self.relay.flush()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._timer, self._write_timer):
+        for timer in (self._timer, self._write_timer, self._rate_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._write_timer = None
+        self._timer = self._write_timer = self._rate_timer = None
 
     # -- input -----------------------------------------------------------
 
@@ -215,6 +224,13 @@ class Peer:
             return
         relay = self.relay
         relay.note_activity(self)
+        if self.bucket is not None or self._backlog is not None:
+            frames = self._within_rate(frames)
+        self._dispatch(frames)
+        relay.flush()
+
+    def _dispatch(self, frames) -> None:
+        relay = self.relay
         for ftype, payload in frames:
             if ftype == _SEND:
                 relay.send_packet(self, payload)
@@ -231,7 +247,40 @@ class Peer:
                 relay.mesh_frame(self, ftype, payload)
             if self.state == CLOSED:
                 break
-        relay.flush()
+
+    def _within_rate(self, frames):
+        """The frames the receive rate limit lets through now. At the first frame that
+        overdraws the bucket, reading pauses: that frame and the rest wait (copied, as
+        the views die with this read) until the debt is paid, as derper waits before
+        reading a frame's body."""
+        backlog = self._backlog
+        if backlog is not None:
+            # Still waiting: what a TLS layer decrypted before the pause queues behind.
+            backlog.extend(_kept(frames))
+            return ()
+        bucket = self.bucket
+        if bucket is None:
+            return frames
+        now = self.relay.clock.seconds()
+        for i, (_, payload) in enumerate(frames):
+            wait = bucket.take(len(payload), now)
+            if wait:
+                self._backlog = _kept(frames[i:])
+                self.relay.rate_limits.waited += 1
+                self.conn.pause_reading()
+                self._rate_timer = self.relay.clock.callLater(wait, self._rate_paid)
+                return frames[:i]
+        return frames
+
+    def _rate_paid(self) -> None:
+        self._rate_timer = None
+        (first, *rest), self._backlog = self._backlog, None
+        # The first frame was charged when it overdrew the bucket.
+        frames = [first, *self._within_rate(rest)]
+        self._dispatch(frames)
+        self.relay.flush()
+        if self._backlog is None and self.state == ACTIVE:
+            self.conn.resume_reading()
 
     def _feed_handshake(self, data: bytes) -> bytes:
         buf = self._handshake_buf + data if self._handshake_buf else data
@@ -287,6 +336,9 @@ class Peer:
         self.state = ACTIVE
         self.connected_at = self.relay.clock.seconds()
         self.relay.register(self)
+        limits = self.relay.rate_limits
+        if limits is not None and not self.is_mesh:
+            self.bucket = limits.new_bucket(self.connected_at)
         log.debug("{who} connected{kind}", who=self.describe(),
                   kind=" (another worker)" if self.is_worker else " (mesh peer)" if self.is_mesh else "")
         self.conn.write(self.relay.handshake.server_info_frame(box))
@@ -459,3 +511,8 @@ class Peer:
         self._write_timer = None
         self.relay.stats.sclient_write_timeouts += 1
         self.fail(f"write blocked for {self.relay.write_timeout_for(self):g} s")
+
+
+def _kept(frames) -> list:
+    """Frames copied out of the read they came in, as the same (type, memoryview) pairs."""
+    return [(ftype, memoryview(bytes(payload))) for ftype, payload in frames]

@@ -35,6 +35,7 @@ from ..protocol.frames import (
 from ..protocol.handshake import ServerHandshake, mesh_key_matches
 from .clients import ClientSet
 from .peer import ACTIVE, Peer
+from .receive_limit import RateConfig, RateLimits
 from .stats import RelayStats
 
 log = Logger()
@@ -80,6 +81,8 @@ class Relay:
         # Client verification (derpbox.admission.Admission), None when not configured.
         self.admission = admission
         self.stats = RelayStats()
+        # -rate-config's limits (derpbox.relay.receive_limit), None without the flag.
+        self.rate_limits: RateLimits | None = None
         # Per-connection failure lines, folded when a reason repeats (scanners).
         self.noise = LogThrottle(Logger("derpbox.relay.peer"))
         self._dirty: list[Peer] = []
@@ -107,6 +110,17 @@ class Relay:
         if self.is_mesh_key(offered_key) or mesh_key_matches(self._health_key, offered_key):
             return None
         return admission.check(key, ip)
+
+    def set_rate_limits(self, config: RateConfig) -> None:
+        """Apply -rate-config: every connected client but the mesh peers gets a new, full bucket."""
+        if self.rate_limits is None:
+            self.rate_limits = RateLimits(config)
+        else:
+            self.rate_limits.config = config.applied()
+        now = self.clock.seconds()
+        for peer in self.peers():
+            if not peer.is_mesh:
+                peer.bucket = self.rate_limits.new_bucket(now)
 
     def write_timeout_for(self, peer: Peer) -> float:
         return MESH_WRITE_TIMEOUT if peer.is_mesh else self.write_timeout
