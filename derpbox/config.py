@@ -639,7 +639,9 @@ SETTINGS_TABLE: tuple[Option, ...] = (
     Option("verify_client_url_fail_open", "verify-client-url-fail-open", BOOL, True,
            "admit clients when the admission controller is unreachable",
            _env("DERP_VERIFY_CLIENT_URL_FAIL_OPEN", "VERIFY_FAIL_OPEN")),
-    Option("socket", "socket", TEXT, "", "tailscaled socket path for -verify-clients",
+    Option("socket", "socket", TEXT, "",
+           "tailscaled socket path for -verify-clients; a comma-separated list for several tailnets "
+           "(a client is admitted when any of them knows its key)",
            _env("DERP_SOCKET", "TS_SOCKET", "TAILSCALED_SOCKET_PATH", "SOCKET")),
     Option("verify_allowlist_file", "verify-allowlist-file", TEXT, "",
            "JSON array of nodekey: strings allowed to connect, reloaded when the file changes",

@@ -382,6 +382,47 @@ def test_tailscaled_probe(tailscaled, log_lines):
     assert "unreachable" in line and "REJECTED while it is down" in line
 
 
+@pytest.fixture
+def two_tailnets(sock_dir, request):
+    """Two tailscaleds, one per tailnet: A is in the first, B in the second."""
+    fakes = [FakeTailscaled(os.path.join(sock_dir, f"tailnet{i}.sock"), nodes=[nk(k)]).start()
+             for i, k in enumerate((A, B))]
+    for fake in fakes:
+        request.addfinalizer(lambda fake=fake: pytest_twisted.blockon(fake.stop()))
+    return fakes
+
+
+@pytest_twisted.inlineCallbacks
+def test_several_sockets_admit_a_key_any_tailnet_knows(two_tailnets):
+    one, two = two_tailnets
+    adm = admission(verify_clients=True, socket_path=f"{one.path}, {two.path}", cache_ttl=60)
+    a = yield adm.check(A, "192.0.2.1")
+    b = yield adm.check(B, "192.0.2.1")
+    c = yield adm.check(C, "192.0.2.1")
+    assert a.allow and b.allow and a.check == b.check == "tailscaled"
+    assert two.path in b.reason and "whois 200" in b.reason
+    assert c == Decision(False, "tailscaled", "node key not in any of the 2 tailnets (tailscaled 404 from each)")
+    # Each tailnet was asked about each key, at once.
+    assert [r.query[-64:] for r in one.requests] == [r.query[-64:] for r in two.requests] == [A.hex(), B.hex(), C.hex()]
+    assert adm.stats.decisions[("tailscaled", "allow")] == 2 and adm.stats.decisions[("tailscaled", "reject")] == 1
+    lines = yield adm.probe()
+    assert [one.path in lines[0], two.path in lines[1]] == [True, True]
+    assert all("reachable, node-key lookups work" in line for line in lines[:2])
+
+
+@pytest_twisted.inlineCallbacks
+def test_several_sockets_one_tailnet_down(two_tailnets):
+    one, two = two_tailnets
+    yield one.stop()
+    adm = admission(verify_clients=True, socket_path=f"{one.path},{two.path}", cache_ttl=60)
+    assert (yield adm.check(B, "192.0.2.1")).allow
+    unknown = yield adm.check(C, "192.0.2.1")
+    # The tailnet that could not answer may know the key: an error, not a cached "no".
+    assert not unknown.allow and one.path in unknown.reason and "unreachable" in unknown.reason
+    assert adm.stats.decisions[("tailscaled", "error")] == 1
+    assert adm.cache.get(C) is None and adm.cache.get(B) is not None
+
+
 # -- admission URL ------------------------------------------------------------------------
 
 FAIL_OPEN_MATRIX = [

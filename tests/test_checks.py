@@ -31,6 +31,7 @@ from derpbox.tls.metacert import is_meta_certificate, make_meta_certificate, met
 
 from .conftest import make_cert
 from .fakes.headscale import FakeHeadscale
+from .fakes.tailscaled import FakeTailscaled
 
 
 def free_port(kind=socket.SOCK_STREAM) -> int:
@@ -177,6 +178,23 @@ def test_healthcheck_admission_backend_down_but_relay_passes(start_server):
     assert code == 1, text
     assert line(text, f"admission {url}").startswith(f"FAIL admission {url}: unreachable: connection refused")
     assert line(text, "relay").startswith("ok")
+
+
+@pytest_twisted.inlineCallbacks
+def test_healthcheck_checks_every_tailnet_socket(start_server, request, tmp_path):
+    sockets = [str(tmp_path / f"t{i}.sock") for i in range(2)]
+    fakes = [FakeTailscaled(path).start() for path in sockets]
+    for fake in fakes:
+        request.addfinalizer(lambda fake=fake: pytest_twisted.blockon(fake.stop()))
+    flags_tail = ("-verify-clients", "-socket", ",".join(sockets))
+    server = yield start_server(*flags_tail)
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server, *flags_tail))
+    assert code == 0, text
+    assert line(text, "admission tailscaled") == f"ok   admission tailscaled: {sockets[0]}, {sockets[1]} accept connections"
+    yield fakes[1].stop()
+    code, text = yield deferToThread(run, healthcheck_main, hc_flags(server, *flags_tail))
+    assert code == 1
+    assert line(text, "admission tailscaled").startswith(f"FAIL admission tailscaled: cannot connect to {sockets[1]}")
 
 
 @pytest_twisted.inlineCallbacks

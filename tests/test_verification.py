@@ -126,6 +126,23 @@ def test_tailscaled_socket_recreated_while_running(start_server, tmp_path):
 
 
 @pytest_twisted.inlineCallbacks
+def test_one_relay_for_two_tailnets(start_server, tmp_path):
+    """-socket lists one tailscaled per tailnet (tailscale/tailscale#11810)."""
+    members = [PrivateKey.generate(), PrivateKey.generate()]
+    os.makedirs(tmp_path / "ts")
+    fakes = [FakeTailscaled(str(tmp_path / "ts" / f"{i}.sock"), nodes=[nodekey(m)]).start()
+             for i, m in enumerate(members)]
+    try:
+        server = yield start_server("-verify-clients", "-socket", ",".join(f.path for f in fakes))
+        admitted = yield deferToThread(lambda: [try_connect(server.url, k) for k in (*members, PrivateKey.generate())])
+        assert admitted == [True, True, False]
+        assert server.service.admission.stats.decisions[("tailscaled", "reject")] == 1
+    finally:
+        for fake in fakes:
+            yield fake.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_admitted_pair_keeps_relaying_while_admission_is_slow(start_server, headscale):
     waiting = PrivateKey.generate()
     hs = headscale()

@@ -18,7 +18,7 @@ from .allowlist import Allowlist
 from .cache import DecisionCache
 from .decision import AdmissionStats, Decision, Verdict
 from .ratelimit import PerKeyLimiter
-from .tailscaled import TailscaledCheck
+from .tailscaled import TailnetsCheck, TailscaledCheck, socket_paths
 from .verify_url import UrlChecks, VerifyURL, display_url
 
 log = Logger(namespace="derpbox.admission")
@@ -55,11 +55,17 @@ class Admission:
     ):
         self.reactor = reactor
         self.stats = stats if stats is not None else AdmissionStats()
-        self.tailscaled = (
-            TailscaledCheck(reactor, socket_path, candidates=tailscaled_sockets, timeout=tailscaled_timeout)
+        # -socket: one path (derper's), none (the default search), or one per tailnet.
+        paths = socket_paths(socket_path) or ("",)
+        self.tailscaled_checks = (
+            [TailscaledCheck(reactor, path, candidates=tailscaled_sockets, timeout=tailscaled_timeout)
+             for path in paths]
             if verify_clients
-            else None
+            else []
         )
+        self.tailscaled = (
+            self.tailscaled_checks[0] if len(self.tailscaled_checks) == 1 else TailnetsCheck(self.tailscaled_checks)
+        ) if self.tailscaled_checks else None
         urls = tuple(u.strip() for u in urls if u and u.strip())
         for url in urls:
             parts = urlsplit(url)
@@ -258,8 +264,7 @@ class Admission:
                 "(see -verify-clients, -verify-client-url, -verify-allowlist-file)",
             ))
         probes = []
-        if self.tailscaled is not None:
-            probes.append(self.tailscaled.probe())
+        probes.extend(check.probe() for check in self.tailscaled_checks)
         if self.url_checks is not None:
             probes.extend(url.probe() for url in self.url_checks.urls)
         results = yield defer.DeferredList(probes, consumeErrors=True)

@@ -1,5 +1,8 @@
 """-verify-clients: ask the local tailscaled whether a node key is in its netmap (spec 5(a)).
 
+``-socket`` may list several sockets, one tailscaled per tailnet (tailscale/tailscale
+#11810): a client is admitted when any of them knows its key.
+
 One HTTP/1.1 request per check over tailscaled's unix socket, on a fresh
 connection each time, so a tailscaled restart (which re-creates the socket) is
 picked up without restarting derpbox. There is no fail-open: whatever keeps us
@@ -229,3 +232,32 @@ class TailscaledCheck:
             f"tailscaled LocalAPI at {path}: reachable but answered {answer.status} ({answer.detail}): "
             "clients will be REJECTED while this lasts"
         )
+
+
+def socket_paths(text: str) -> tuple[str, ...]:
+    """-socket's comma-separated paths; empty for the default search."""
+    return tuple(path.strip() for path in text.split(",") if path.strip())
+
+
+class TailnetsCheck:
+    """Several tailscaleds, one per tailnet, asked at once. Any one admitting admits;
+    all answering "not found" rejects; otherwise (none admits, one could not answer)
+    the client is rejected as an error, which is not cached: the tailnet that could not
+    answer may know the key."""
+
+    def __init__(self, checks: list[TailscaledCheck]):
+        self.checks = checks
+
+    @defer.inlineCallbacks
+    def check(self, node_key: bytes):
+        verdicts = yield defer.gatherResults([check.check(node_key) for check in self.checks], consumeErrors=True)
+        paths = [check.configured_path for check in self.checks]
+        for path, verdict in zip(paths, verdicts):
+            if verdict.allow:
+                return Verdict(True, "tailscaled", f"{verdict.reason} at {path}", "allow")
+        failed = [f"{path}: {verdict.reason}" for path, verdict in zip(paths, verdicts) if verdict.outcome != "reject"]
+        if failed:
+            return Verdict(False, "tailscaled", "node key in none of the tailnets that answered; "
+                           + "; ".join(failed), "error")
+        return Verdict(False, "tailscaled", f"node key not in any of the {len(paths)} tailnets (tailscaled 404 "
+                       "from each)", "reject")

@@ -13,7 +13,7 @@ from functools import partial
 from urllib.parse import urlsplit
 
 from .. import netaddr
-from ..admission.tailscaled import DEFAULT_SOCKETS
+from ..admission.tailscaled import DEFAULT_SOCKETS, socket_paths
 from ..config import ConfigError, UsageRequested, load_settings
 from ..keys import health_key, load_or_create_key
 from ..protocol.proxy import local_preamble
@@ -130,16 +130,20 @@ class LocalInstance:
         return Result("http", OK, f"port {port} /generate_204 answered 204 with the challenge")
 
     def check_tailscaled(self) -> Result:
-        paths = [self.settings.socket] if self.settings.socket else [p for p in DEFAULT_SOCKETS if os.path.exists(p)]
+        configured = socket_paths(self.settings.socket)
+        paths = list(configured) or [p for p in DEFAULT_SOCKETS if os.path.exists(p)][:1]
         if not paths:
             raise CheckFailed(f"no tailscaled socket at any of {', '.join(DEFAULT_SOCKETS)}")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(self.timeout)
-            try:
-                s.connect(paths[0])
-            except OSError as e:
-                raise CheckFailed(f"cannot connect to {paths[0]}: {e.strerror or e}") from None
-        return Result("admission tailscaled", OK, f"{paths[0]} accepts connections")
+        # Every configured tailnet: a client of one that is down cannot be admitted.
+        for path in paths:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                try:
+                    s.connect(path)
+                except OSError as e:
+                    raise CheckFailed(f"cannot connect to {path}: {e.strerror or e}") from None
+        return Result("admission tailscaled", OK, f"{', '.join(paths)} accept{'s' if len(paths) == 1 else ''} "
+                      "connections")
 
     def check_mesh(self) -> Result:
         """The server's own view of its mesh peers (/debug/mesh, open to loopback)."""
