@@ -156,8 +156,6 @@ class Settings:
 # are accepted and named at start-up (Settings.not_yet_supported).
 _IGNORED_DERPER_FEATURES = {
     "acme_ip_certs": "-acme-ip-certs",
-    "bootstrap_dns_names": "-bootstrap-dns-names",
-    "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
     "rate_config": "-rate-config",
     "ace": "-ace",
 }

@@ -94,7 +94,7 @@ def test_dev_mode_serves_plain_derp_and_stun_on_localhost(tmp_path):
 def test_accepted_but_unsupported_derper_flags_are_named_at_start_up(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "derpbox", "-c", str(tmp_path / "k"), "-a", "127.0.0.1:0", "-tls=off", "-stun=false",
-         "-bootstrap-dns-names", "example.com", "-rate-config", "/etc/rate.json", "-accept-connection-limit", "10"],
+         "-rate-config", "/etc/rate.json", "-accept-connection-limit", "10"],
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -104,6 +104,6 @@ def test_accepted_but_unsupported_derper_flags_are_named_at_start_up(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, rest = proc.communicate(timeout=10)
     err = "".join(first) + rest
-    for flag in ("-bootstrap-dns-names", "-rate-config", "-accept-connection-limit"):
+    for flag in ("-rate-config", "-accept-connection-limit"):
         assert f"{flag}" in err and "not supported by this version of derpbox" in err, err
     assert "-ace " not in err
