@@ -308,19 +308,21 @@ class BootstrapDNS:
 
     @defer.inlineCallbacks
     def _lookup_percent(self, name: str, txt_name: str):
+        # Its own outage key: the TXT record may sit on a name that is also resolved for addresses.
+        key = f"{txt_name} TXT"
         try:
             records, _, _ = yield self._resolver.lookupText(txt_name)
         except error.DNSNameError:
             # derper's rule for a TXT record that does not exist: 0%.
             self._percent[name] = 0.0
-            self._failed(txt_name, "no such host", f"rollout of {name} is 0%")
+            self._failed(key, "no such host", f"rollout of {name} is 0%")
             return
         except Exception as e:  # noqa: BLE001 - any other failure is transient: keep the last percentage
-            self._failed(txt_name, _reason(e), f"keeping rollout of {name} at {self._percent.get(name, 0.0):.0%}")
+            self._failed(key, _reason(e), f"keeping rollout of {name} at {self._percent.get(name, 0.0):.0%}")
             return
         values = [b"".join(rr.payload.data).decode("utf-8", "replace") for rr in records if rr.type == dns.TXT]
         self._percent[name] = rollout_percent(values)
-        self._resolved(txt_name)
+        self._resolved(key)
 
     def _failed(self, key: str, reason: str, consequence: str) -> None:
         self.stats.lookup_failures += 1
