@@ -158,8 +158,6 @@ class Settings:
 # are accepted and named at start-up (Settings.not_yet_supported).
 _IGNORED_DERPER_FEATURES = {
     "acme_ip_certs": "-acme-ip-certs",
-    "bootstrap_dns_names": "-bootstrap-dns-names",
-    "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
 }
 # Tailscale-internal services: ignoring them would run a different relay than asked for
 # (no mesh key, no CONNECT proxy), so the server refuses to start (load_serve_settings).

@@ -146,6 +146,7 @@ class Metrics:
         *,
         cert_source=None,
         mesh_stats=None,
+        bootstrap_dns_stats=None,
         worker_links=None,
         start_time: float | None = None,
         clock=time.time,
@@ -157,6 +158,7 @@ class Metrics:
         # The TLS certificate source (manual files or ACME), None without TLS.
         self.cert_source = cert_source
         self.mesh_stats = mesh_stats
+        self.bootstrap_dns_stats = bootstrap_dns_stats
         # A worker (derpbox.workers): how many of its links to the other workers are up.
         self.worker_links = worker_links
         self.clock = clock
@@ -185,7 +187,8 @@ class Metrics:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
         # relay.rate_limits: derper shows its rate-limit metrics only with -rate-config.
-        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats, relay.rate_limits):
+        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats,
+                      self.bootstrap_dns_stats, relay.rate_limits):
             if stats is not None:
                 fams += declared(stats, stats.METRICS)
 

@@ -23,6 +23,8 @@ from zope.interface import implementer
 
 from .admission import Admission
 from .bind_errors import listen_error
+from .bootstrap_dns import REFRESH_INTERVAL as BOOTSTRAP_DNS_INTERVAL
+from .bootstrap_dns import BootstrapDNS
 from .config import ConfigError, ServeSettings, Settings, load_serve_settings
 from .derpmap import build_node, derpmap_resource
 from .heap import HeapService
@@ -229,7 +231,10 @@ SIGHUP_RELOAD = _SighupReload()
 class DerpboxService(MultiService):
     """The whole relay: main listener (TLS or plain), port 80, metrics, STUN."""
 
-    def __init__(self, settings: Settings, reactor, environ=os.environ, worker: WorkerContext | None = None):
+    def __init__(self, settings: Settings, reactor, environ=os.environ, worker: WorkerContext | None = None,
+                 dns_resolver=None):
+        """``dns_resolver`` (a Twisted Names IResolver) resolves the bootstrap DNS names;
+        None means the system's."""
         super().__init__()
         self.settings = settings
         self.reactor = reactor
@@ -257,6 +262,11 @@ class DerpboxService(MultiService):
             self._every(EXPIRY_CHECK_INTERVAL, watch.check)
         self.mesh = self._mesh_service(private_key, serve.mesh_key)
         self.stun_stats = STUNStats()
+        # Each worker resolves for itself: it is a whole relay.
+        self.bootstrap_dns = BootstrapDNS(settings.bootstrap_dns_names, settings.unpublished_bootstrap_dns_names,
+                                          resolver=dns_resolver)
+        if self.bootstrap_dns.configured:
+            self._every(BOOTSTRAP_DNS_INTERVAL, self.bootstrap_dns.refresh_in_background)
         self.tls_stats = TLSStats() if settings.use_tls else None
         self.metrics = Metrics(
             self.relay,
@@ -265,6 +275,7 @@ class DerpboxService(MultiService):
             self.tls_stats,
             cert_source=self.cert_source,
             mesh_stats=self.mesh.stats if self.mesh is not None else None,
+            bootstrap_dns_stats=self.bootstrap_dns.stats,
             # Read at scrape time: the workers' mesh is made further down.
             worker_links=(lambda: sum(self.worker_mesh.stats.up.values())) if worker is not None else None,
         )
@@ -365,7 +376,8 @@ class DerpboxService(MultiService):
             live_cert = self.cert_source.current if self.cert_source is not None else None
             extra[settings.derpmap_path] = derpmap_resource(settings, live_cert)
         return build_main_site(
-            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=debug, extra=extra
+            derp_enabled=settings.derp, home=settings.home, hostname=settings.hostname, debug=debug, extra=extra,
+            bootstrap_dns=self.bootstrap_dns,
         )
 
     def _server_tls(self) -> ServerTLS | None:

@@ -91,8 +91,9 @@ def headscale(request):
 def start_server(tmp_path, request):
     """Start derpbox with derper-style flags; loopback and ephemeral ports by default."""
 
-    def start(*flags: str, environ: dict | None = None, tls: bool = True, home: str = ""):
-        """``home`` names a directory of its own (key, certificates) for a second node in one test."""
+    def start(*flags: str, environ: dict | None = None, tls: bool = True, home: str = "", dns_resolver=None):
+        """``home`` names a directory of its own (key, certificates) for a second node in one test;
+        ``dns_resolver`` resolves the bootstrap DNS names (a loopback DNS server's)."""
         base_dir = tmp_path / home if home else tmp_path
         base = ["-a", "127.0.0.1:0", "-c", str(base_dir / "derper.key"), "-stun-port", "0", "-http-port", "0"]
         if tls:
@@ -100,7 +101,7 @@ def start_server(tmp_path, request):
         else:
             base += ["-tls", "off"]
         settings = load_settings(base + list(flags), environ or {})
-        service = DerpboxService(settings, reactor, environ or {})
+        service = DerpboxService(settings, reactor, environ or {}, dns_resolver=dns_resolver)
         service.startService()
         request.addfinalizer(lambda: pytest_twisted.blockon(service.stopService()) if service.running else None)
         return service.listening().addCallback(lambda s: Server(s, base_dir))

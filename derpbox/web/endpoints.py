@@ -15,6 +15,9 @@ from twisted.internet import defer
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from ..bootstrap_dns import BootstrapDNS
+from ..netaddr import remote_address
+
 __all__ = [
     "BROWSER_HEADERS",
     "Generate204Resource",
@@ -215,15 +218,24 @@ class _RobotsResource(_Leaf):
 
 
 class _BootstrapDNSResource(_Leaf):
-    """`/bootstrap-dns`; empty until bootstrap names are configurable."""
+    """`/bootstrap-dns`, answered by a derpbox.bootstrap_dns.BootstrapDNS (empty without one)."""
+
+    def __init__(self, bootstrap_dns: BootstrapDNS | None) -> None:
+        super().__init__()
+        self._bootstrap_dns = bootstrap_dns
 
     def render(self, request: server.Request) -> bytes:
         add_browser_headers(request)
         request.setHeader(b"Content-Type", b"application/json")
+        # Clients ask once, from anywhere: derper closes rather than keep the connection.
         request.setHeader(b"Connection", b"close")
         # The header alone does not make Twisted close; derper does close.
         request.channel.persistent = False
-        return reply(request, b"")
+        if self._bootstrap_dns is None:
+            return reply(request, b"")
+        # Go's URL.Query().Get("q"): the first value; bytes kept distinct through the decode.
+        q = request.args.get(b"q", [b""])[0].decode("utf-8", "surrogateescape")
+        return reply(request, self._bootstrap_dns.respond(q, remote_address(request.channel.transport)[0]))
 
 
 class _HomeResource(_Leaf):
@@ -293,6 +305,7 @@ def build_main_site(
     hostname: str,
     debug: Resource | None = None,
     extra: dict[str, Resource] | None = None,
+    bootstrap_dns: BootstrapDNS | None = None,
 ) -> QuietSite:
     """Build the Site for the main listener.
 
@@ -301,6 +314,7 @@ def build_main_site(
     `debug` (a derpbox.web.debug.DebugResource) serves `/debug` and everything
     under `/debug/`; without it those paths fall through to the home page.
     `extra` maps further exact paths to resources (e.g. the DERP map JSON).
+    `bootstrap_dns` answers `/bootstrap-dns`; without it the body is empty.
     """
     if home not in ("", "blank") and not home.startswith(("http://", "https://")):
         raise ValueError(f"invalid home value {home!r}: want '', 'blank' or an http(s) URL")
@@ -311,7 +325,7 @@ def build_main_site(
         b"/derp/latency-check": probe,
         b"/generate_204": Generate204Resource(),
         b"/robots.txt": _RobotsResource(),
-        b"/bootstrap-dns": _BootstrapDNSResource(),
+        b"/bootstrap-dns": _BootstrapDNSResource(bootstrap_dns),
     }
     for path, resource in (extra or {}).items():
         routes[path.encode()] = resource
