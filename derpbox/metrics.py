@@ -184,7 +184,8 @@ class Metrics:
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
-        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats):
+        api_stats = self.admission_stats.tailscale_api if self.admission_stats is not None else None
+        for stats in (self.tls_stats, self.admission_stats, api_stats, self.cert_source, self.mesh_stats):
             if stats is not None:
                 fams += declared(stats, stats.METRICS)
 
