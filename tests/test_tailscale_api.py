@@ -328,3 +328,7 @@ def test_settings_from_environment():
     assert settings.verify_tailscale_api and settings.verify_tailscale_api_tailnet == "example.com"
     assert settings.verify_tailscale_api_interval == 120 and not settings.verify_tailscale_api_fail_open
     assert settings.verify_tailscale_api_url == "https://api.tailscale.com"
+    settings = load_settings(["-dev"], {"DERP_VERIFY_TAILSCALE_API_OAUTH_CLIENT_ID": "k123",
+                                        "DERP_VERIFY_TAILSCALE_API_OAUTH_SECRET_FILE": "/run/secrets/client"})
+    assert settings.verify_tailscale_api and settings.verify_tailscale_api_oauth_client_id == "k123"
+    assert settings.verify_tailscale_api_oauth_secret_file == "/run/secrets/client"
