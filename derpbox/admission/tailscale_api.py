@@ -297,6 +297,8 @@ class OAuthClient:
             raise FetchError("token", f"token endpoint answered HTTP {response.code}: {api_message(body)}")
         try:
             answer = json.loads(body)
+            if not isinstance(answer, dict):
+                raise TypeError
             token, lifetime = answer["access_token"], answer.get("expires_in", 3600)
             if not isinstance(token, str) or not token or not isinstance(lifetime, (int, float)):
                 raise TypeError
@@ -320,7 +322,6 @@ class TailscaleAPIKeys:
     def __init__(self, reactor, options: TailscaleAPIOptions, *, clock=None, https_policy=None, on_change=None,
                  timeout: float = REQUEST_TIMEOUT):
         self.clock = clock if clock is not None else reactor
-        self.options = options
         self.base = options.url.rstrip("/")
         self.fail_open = options.fail_open
         self.interval = options.interval
