@@ -99,6 +99,14 @@ class Settings:
     socket: str
     verify_allowlist_file: str
     verify_cache_ttl: float  # seconds; 0 = no cache
+    verify_tailscale_api_tailnet: str
+    verify_tailscale_api_token: str = field(repr=False)
+    verify_tailscale_api_token_file: str
+    verify_tailscale_api_oauth_client_id: str
+    verify_tailscale_api_oauth_secret_file: str
+    verify_tailscale_api_interval: float  # seconds
+    verify_tailscale_api_fail_open: bool
+    verify_tailscale_api_url: str
     accept_connection_limit: float
     accept_connection_burst: int
     rate_config: str
@@ -138,6 +146,12 @@ class Settings:
         if self.tls != "auto":
             return self.tls == "on"
         return self.listen_port == 443 or self.certmode == "manual"
+
+    @property
+    def verify_tailscale_api(self) -> bool:
+        """The Tailscale API device-list check is on (credentials are given)."""
+        return bool(self.verify_tailscale_api_token or self.verify_tailscale_api_token_file
+                    or self.verify_tailscale_api_oauth_client_id or self.verify_tailscale_api_oauth_secret_file)
 
     @property
     def hostname_is_ip(self) -> bool:
@@ -366,6 +380,34 @@ def _optional_url(text: str) -> str:
 
 def _url_list(text: str) -> tuple[str, ...]:
     return tuple(_check_url(url) for url in _names(text))
+
+
+# Tailscale publishes no API rate limit; a relay (times its workers) should not poll faster.
+TAILSCALE_API_MIN_INTERVAL = 10.0
+
+
+def _api_interval(text: str) -> float:
+    value = parse_go_duration(text)
+    if value < TAILSCALE_API_MIN_INTERVAL:
+        raise ValueError(f"must be at least {TAILSCALE_API_MIN_INTERVAL:g}s")
+    return value
+
+
+def _api_url(text: str) -> str:
+    url = _check_url(text).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme == "http" and parts.hostname != "localhost" and not _is_loopback(parts.hostname or ""):
+        raise ValueError("http:// would send the API token in clear; use https:// (http:// only for loopback)")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError("give the base URL only, like https://api.tailscale.com")
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _home(text: str) -> str:
@@ -647,6 +689,31 @@ SETTINGS_TABLE: tuple[Option, ...] = (
     Option("verify_cache_ttl", "verify-cache-ttl", DURATION, 0.0,
            "cache admission decisions per node key for this long; 0 disables the cache",
            _env("DERP_VERIFY_CACHE_TTL")),
+    Option("verify_tailscale_api_tailnet", "verify-tailscale-api-tailnet", TEXT, "-",
+           "tailnet whose devices' node keys are admitted (Tailscale API); - is the token's own tailnet",
+           _env("DERP_VERIFY_TAILSCALE_API_TAILNET")),
+    Option("verify_tailscale_api_token", "verify-tailscale-api-token", TEXT, "",
+           "Tailscale API access token (tskey-api-...) for the device-list check; prefer the -file form",
+           _env("DERP_VERIFY_TAILSCALE_API_TOKEN"), secret=True),
+    Option("verify_tailscale_api_token_file", "verify-tailscale-api-token-file", TEXT, "",
+           "file holding a Tailscale API access token; turns on the Tailscale API device-list check",
+           _env("DERP_VERIFY_TAILSCALE_API_TOKEN_FILE")),
+    Option("verify_tailscale_api_oauth_client_id", "verify-tailscale-api-oauth-client-id", TEXT, "",
+           "Tailscale OAuth client ID (scope devices:core:read) instead of an access token",
+           _env("DERP_VERIFY_TAILSCALE_API_OAUTH_CLIENT_ID")),
+    Option("verify_tailscale_api_oauth_secret_file", "verify-tailscale-api-oauth-secret-file", TEXT, "",
+           "file holding the OAuth client secret (tskey-client-...)",
+           _env("DERP_VERIFY_TAILSCALE_API_OAUTH_SECRET_FILE")),
+    Option("verify_tailscale_api_interval", "verify-tailscale-api-interval",
+           Kind("duration", _api_interval, DURATION_FORMS + ", at least 10s", _DURATIONS), 60.0,
+           "how often the tailnet's device list is fetched", _env("DERP_VERIFY_TAILSCALE_API_INTERVAL"),
+           default_text="1m0s"),
+    Option("verify_tailscale_api_fail_open", "verify-tailscale-api-fail-open", BOOL, False,
+           "admit clients while no device list was ever fetched (never once one was)",
+           _env("DERP_VERIFY_TAILSCALE_API_FAIL_OPEN")),
+    Option("verify_tailscale_api_url", "verify-tailscale-api-url",
+           Kind("string", _api_url, "an https:// base URL (http:// only for loopback)"), "https://api.tailscale.com",
+           "Tailscale API base URL", _env("DERP_VERIFY_TAILSCALE_API_URL")),
     Option("accept_connection_limit", "accept-connection-limit",
            Kind("float", _rate_limit, 'a number of connections per second, zero or more, or "inf"', (str, int, float)),
            math.inf, "TLS connections accepted per second",
@@ -948,6 +1015,7 @@ def _from_file(opt: Option, where: str, value: Any) -> Any:
 
 def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
     """Cross-setting rules that derper enforces at start-up."""
+    _check_tailscale_api(s)
     if s.mesh_with or s.mesh_peers_file:
         has_key = bool(environ.get(DEV_MESH_KEY_ENV)) if s.dev else bool(s.mesh_key or s.mesh_psk_file or s.secrets_url)
         if not has_key:
@@ -974,6 +1042,24 @@ def _check_consistency(s: Settings, environ: Mapping[str, str]) -> None:
         if missing:
             raise ConfigError(f"-certmode gcp needs {', '.join(missing)} (DERP_ACME_EAB_KID, DERP_ACME_EAB_KEY, "
                               "DERP_ACME_EMAIL)")
+
+
+def _check_tailscale_api(s: Settings) -> None:
+    """One way to authenticate to the Tailscale API, and whole (derpbox-only settings)."""
+    ways = [name for name, given in (
+        ("-verify-tailscale-api-token", s.verify_tailscale_api_token),
+        ("-verify-tailscale-api-token-file", s.verify_tailscale_api_token_file),
+        ("-verify-tailscale-api-oauth-client-id", s.verify_tailscale_api_oauth_client_id
+         or s.verify_tailscale_api_oauth_secret_file)) if given]
+    if len(ways) > 1:
+        raise ConfigError(f"{' and '.join(ways)} are both set: give the Tailscale API one access token "
+                          "or one OAuth client")
+    if bool(s.verify_tailscale_api_oauth_client_id) != bool(s.verify_tailscale_api_oauth_secret_file):
+        raise ConfigError("-verify-tailscale-api-oauth-client-id (DERP_VERIFY_TAILSCALE_API_OAUTH_CLIENT_ID) and "
+                          "-verify-tailscale-api-oauth-secret-file (DERP_VERIFY_TAILSCALE_API_OAUTH_SECRET_FILE) "
+                          "go together")
+    if not s.verify_tailscale_api_tailnet.strip():
+        raise ConfigError('-verify-tailscale-api-tailnet must not be empty ("-" is the token\'s own tailnet)')
 
 
 @dataclass(frozen=True, slots=True)

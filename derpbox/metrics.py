@@ -186,8 +186,9 @@ class Metrics:
         if self.stun_stats is not None:
             fams += declared(self.stun_stats, self.stun_stats.METRICS)
 
+        api_stats = self.admission_stats.tailscale_api if self.admission_stats is not None else None
         # relay.rate_limits: derper shows its rate-limit metrics only with -rate-config.
-        for stats in (self.tls_stats, self.admission_stats, self.cert_source, self.mesh_stats,
+        for stats in (self.tls_stats, self.admission_stats, api_stats, self.cert_source, self.mesh_stats,
                       self.bootstrap_dns_stats, relay.rate_limits):
             if stats is not None:
                 fams += declared(stats, stats.METRICS)

@@ -22,6 +22,7 @@ from twisted.logger import LogLevel, Logger
 from zope.interface import implementer
 
 from .admission import Admission
+from .admission.tailscale_api import TailscaleAPIOptions
 from .bind_errors import listen_error
 from .bootstrap_dns import REFRESH_INTERVAL as BOOTSTRAP_DNS_INTERVAL
 from .bootstrap_dns import BootstrapDNS
@@ -130,7 +131,8 @@ def load_server_key(settings: Settings) -> PrivateKey:
 
 def build_admission(settings: Settings, reactor, worker: WorkerContext | None = None) -> Admission | None:
     """Client verification, when any check is configured (issue: only your tailnet)."""
-    if not (settings.verify_clients or settings.verify_client_urls or settings.verify_allowlist_file):
+    if not (settings.verify_clients or settings.verify_client_urls or settings.verify_allowlist_file
+            or settings.verify_tailscale_api):
         return None
     try:
         return Admission(
@@ -140,12 +142,26 @@ def build_admission(settings: Settings, reactor, worker: WorkerContext | None = 
             urls=settings.verify_client_urls,
             fail_open=settings.verify_client_url_fail_open,
             allowlist_file=settings.verify_allowlist_file,
+            tailscale_api=tailscale_api_options(settings) if settings.verify_tailscale_api else None,
             cache_ttl=settings.verify_cache_ttl,
             cache_dir=os.path.join(worker.mesh_dir, "admission-cache") if worker is not None else None,
         )
     except ValueError as e:
-        # The allowlist file is read at start: a bad one stops start-up like a bad setting.
+        # The allowlist and API credential files are read at start: a bad one stops start-up like a bad setting.
         raise ConfigError(str(e)) from None
+
+
+def tailscale_api_options(settings: Settings) -> TailscaleAPIOptions:
+    return TailscaleAPIOptions(
+        tailnet=settings.verify_tailscale_api_tailnet,
+        token=settings.verify_tailscale_api_token,
+        token_file=settings.verify_tailscale_api_token_file,
+        oauth_client_id=settings.verify_tailscale_api_oauth_client_id,
+        oauth_secret_file=settings.verify_tailscale_api_oauth_secret_file,
+        interval=settings.verify_tailscale_api_interval,
+        fail_open=settings.verify_tailscale_api_fail_open,
+        url=settings.verify_tailscale_api_url,
+    )
 
 
 def build_cert_source(settings: Settings, reactor, worker: WorkerContext | None = None):

@@ -299,6 +299,12 @@ ALIASES = [
     ("DERP_TLS", "off", "tls", "off"),
     ("DERP_VERIFY_ALLOWLIST_FILE", "/etc/nodes.json", "verify_allowlist_file", "/etc/nodes.json"),
     ("DERP_VERIFY_CACHE_TTL", "60s", "verify_cache_ttl", 60.0),
+    ("DERP_VERIFY_TAILSCALE_API_TAILNET", "example.com", "verify_tailscale_api_tailnet", "example.com"),
+    ("DERP_VERIFY_TAILSCALE_API_TOKEN", "tskey-api-x", "verify_tailscale_api_token", "tskey-api-x"),
+    ("DERP_VERIFY_TAILSCALE_API_TOKEN_FILE", "/run/ts", "verify_tailscale_api_token_file", "/run/ts"),
+    ("DERP_VERIFY_TAILSCALE_API_INTERVAL", "5m", "verify_tailscale_api_interval", 300.0),
+    ("DERP_VERIFY_TAILSCALE_API_FAIL_OPEN", "yes", "verify_tailscale_api_fail_open", True),
+    ("DERP_VERIFY_TAILSCALE_API_URL", "https://api.example/", "verify_tailscale_api_url", "https://api.example"),
     ("DERP_METRICS_ADDR", "127.0.0.1:9090", "metrics_addr", "127.0.0.1:9090"),
     ("DERP_METRICS_ALLOW", "10.1.0.0/16, 192.0.2.7", "metrics_allow", ("10.1.0.0/16", "192.0.2.7")),
     ("DERP_REGION_ID", "901", "region_id", 901),
@@ -389,7 +395,10 @@ def test_mesh_with_entries_are_parsed_as_derper_does():
 def test_table_env_names_match_the_documented_list():
     documented = {name for name, *_ in ALIASES} | {"DERP_MESH_WITH", "MESH_WITH", "DERP_CONFIG_FILE",
                                                     "DERP_MESH_KEY", "DERP_MESH_PEERS_FILE", "DERP_WORKERS",
-                                                    "DERP_STRICT_ENV"}
+                                                    "DERP_STRICT_ENV",
+                                                    # together only: tests/test_tailscale_api.py
+                                                    "DERP_VERIFY_TAILSCALE_API_OAUTH_CLIENT_ID",
+                                                    "DERP_VERIFY_TAILSCALE_API_OAUTH_SECRET_FILE"}
     in_table = [env.name for opt in SETTINGS_TABLE for env in opt.env]
     assert len(in_table) == len(set(in_table))
     assert set(in_table) == documented
@@ -877,6 +886,11 @@ DERPER_FLAGS = {
 }
 
 
+# derpbox-only (derper has no Tailscale API check): tests/test_tailscale_api.py covers them.
+TAILSCALE_API_FLAGS = {"verify-tailscale-api-" + name for name in (
+    "tailnet", "token", "token-file", "oauth-client-id", "oauth-secret-file", "interval", "fail-open", "url")}
+
+
 def test_table_covers_every_derper_flag_and_every_setting():
     flags = [opt.flag for opt in SETTINGS_TABLE]
     assert len(flags) == len(set(flags))
@@ -885,7 +899,7 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "public-ipv4", "public-ipv6", "public-port", "public-stun-port",
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
                                     "acme-challenge", "proxy-protocol", "trusted-proxies", "mesh-key",
-                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names", "workers", "strict-env"}
+                                    "mesh-peers-file", "mesh-ca-file", "mesh-cert-names", "workers", "strict-env"} | TAILSCALE_API_FLAGS
     derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "metrics_listen", "metrics_allow_networks",
                "proxy_networks", "mesh_peers"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

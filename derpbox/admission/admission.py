@@ -1,7 +1,7 @@
 """The admission gate the relay consults after ClientInfo (spec 1.4 step 5, section 5).
 
 Checks run in derper's order, tailscaled first and then the URL(s), with the
-static allowlist last; every enabled check must admit, and the first rejection
+Tailscale API device list (derpbox's own) after tailscaled and the static allowlist last; every enabled check must admit, and the first rejection
 ends the run. Mesh peers never get here: the relay trusts them before asking.
 """
 
@@ -18,6 +18,7 @@ from .allowlist import Allowlist
 from .cache import DecisionCache
 from .decision import AdmissionStats, Decision, Verdict
 from .ratelimit import PerKeyLimiter
+from .tailscale_api import TailscaleAPIKeys, TailscaleAPIOptions
 from .tailscaled import TailnetsCheck, TailscaledCheck, socket_paths
 from .verify_url import UrlChecks, VerifyURL, display_url
 
@@ -42,6 +43,7 @@ class Admission:
         urls: tuple[str, ...],
         fail_open: bool,
         allowlist_file: str = "",
+        tailscale_api: TailscaleAPIOptions | None = None,
         cache_ttl: float = 0.0,
         cache_dir: str | None = None,
         stats: AdmissionStats | None = None,
@@ -92,7 +94,15 @@ class Admission:
             if allowlist_file
             else None
         )
-        self.enabled = bool(self.tailscaled or self.url_checks or self.allowlist)
+        # Raises TailscaleAPIError (a ValueError naming the setting) if its credentials are unreadable.
+        self.tailscale_api = (
+            TailscaleAPIKeys(reactor, tailscale_api, https_policy=https_policy, on_change=self._allowlist_changed)
+            if tailscale_api is not None
+            else None
+        )
+        if self.tailscale_api is not None:
+            self.stats.tailscale_api = self.tailscale_api.stats
+        self.enabled = bool(self.tailscaled or self.tailscale_api or self.url_checks or self.allowlist)
         self._slots = defer.DeferredSemaphore(max_concurrent)
         self._waiting: dict[bytes, list[defer.Deferred]] = {}
         self._rejection_log = PerKeyLimiter(reactor)
@@ -104,10 +114,14 @@ class Admission:
     def start(self) -> None:
         if self.allowlist is not None:
             self.allowlist.start()
+        if self.tailscale_api is not None:
+            self.tailscale_api.start()
 
     def stop(self) -> None:
         if self.allowlist is not None:
             self.allowlist.stop()
+        if self.tailscale_api is not None:
+            self.tailscale_api.stop()
 
     def reload(self) -> defer.Deferred:
         """Re-read the allowlist now, changed or not; fires True if a new list is in force.
@@ -121,7 +135,7 @@ class Admission:
         return self.allowlist.reload()
 
     def _allowlist_changed(self) -> None:
-        # Cached answers may rest on keys that were just removed.
+        # Cached answers may rest on keys that were just removed (allowlist or Tailscale API list).
         if self.cache is not None:
             self.cache.clear()
 
@@ -188,6 +202,9 @@ class Admission:
         if self.tailscaled is not None:
             stage[0] = "tailscaled"
             verdicts.append((yield self.tailscaled.check(node_key)))
+        if self.tailscale_api is not None and (not verdicts or verdicts[-1].allow):
+            stage[0] = "tailscale_api"
+            verdicts.append(self.tailscale_api.check(node_key))
         if self.url_checks is not None and (not verdicts or verdicts[-1].allow):
             stage[0] = "url"
             verdicts.append((yield self.url_checks.check(key_text, source_ip)))
@@ -261,10 +278,12 @@ class Admission:
             lines.append((
                 True,
                 "client verification: no check enabled: every client is admitted "
-                "(see -verify-clients, -verify-client-url, -verify-allowlist-file)",
+                "(see -verify-clients, -verify-tailscale-api-*, -verify-client-url, -verify-allowlist-file)",
             ))
         probes = []
         probes.extend(check.probe() for check in self.tailscaled_checks)
+        if self.tailscale_api is not None:
+            probes.append(self.tailscale_api.probe())
         if self.url_checks is not None:
             probes.extend(url.probe() for url in self.url_checks.urls)
         results = yield defer.DeferredList(probes, consumeErrors=True)

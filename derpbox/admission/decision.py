@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..counters import counter, gauge
 
-CHECKS = ("tailscaled", "url", "allowlist", "none")
+CHECKS = ("tailscaled", "tailscale_api", "url", "allowlist", "none")
 OUTCOMES = ("allow", "reject", "fail_open", "error")
 
 
@@ -15,7 +15,7 @@ class Decision:
     """What the relay acts on: admit or close before ServerInfo."""
 
     allow: bool
-    check: str  # the check that decided: tailscaled, url, allowlist, or none
+    check: str  # the check that decided: tailscaled, tailscale_api, url, allowlist, or none
     reason: str  # short human text for logs
 
 
@@ -76,6 +76,7 @@ class AdmissionStats:
         "allowlist_reload_errors",
         "internal_errors",
         "shared_checks",
+        "tailscale_api",
     )
 
     def __init__(self):
@@ -91,6 +92,8 @@ class AdmissionStats:
         self.allowlist_reload_errors = 0
         self.internal_errors = 0
         self.shared_checks = 0
+        # The Tailscale API list's own stats (derpbox.admission.tailscale_api), when that check is on.
+        self.tailscale_api = None
 
     def count(self, verdict: Verdict) -> None:
         self.decisions[(verdict.check, verdict.outcome)] += 1

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from functools import partial
@@ -67,7 +68,7 @@ class LocalInstance:
         self.host_header = host_header(settings.hostname if self.sni else self.host, self.port, 443 if self.tls else 80)
         self.mesh_key, self.key_problem = _health_key(settings.key_path)
         self.verifying = bool(settings.verify_clients or settings.verify_client_urls
-                              or getattr(settings, "verify_allowlist_file", ""))
+                              or getattr(settings, "verify_allowlist_file", "") or settings.verify_tailscale_api)
         self.preamble = _proxy_preamble(settings, self.host)
 
     def checks(self) -> list[Check]:
@@ -82,6 +83,8 @@ class LocalInstance:
             checks.append(("http", self.check_port80))
         if s.verify_clients:
             checks.append(("admission tailscaled", self.check_tailscaled))
+        if s.verify_tailscale_api:
+            checks.append(("admission tailscale-api", self.check_tailscale_api))
         checks += [(f"admission {_redact(url)}", partial(self.check_admission_url, url))
                    for url in s.verify_client_urls]
         if s.mesh_with or s.mesh_peers_file:
@@ -154,13 +157,41 @@ class LocalInstance:
         peers = json.loads(r.body)["peers"]
         return Result("mesh", OK, f"{len(peers)} peers", data={"peers": peers})
 
-    def check_workers(self) -> Result:
-        """Each worker, as the node sees them: the worker answering asks the others."""
+    def _debug_vars(self) -> dict:
+        """The server's own figures (/debug/vars, open to loopback); with workers, the node's."""
         r = http_request(self.host, self.port, "/debug/vars", tls=self.tls, sni=self.sni,
                          host_header=self.host_header, timeout=self.timeout, preamble=self.preamble)
         if r.status != 200:
             raise CheckFailed(f"GET /debug/vars answered {r.status}")
-        node = json.loads(r.body)
+        return json.loads(r.body)
+
+    def check_tailscale_api(self) -> Result:
+        """The server's device list from the Tailscale API.
+
+        A stale list (the API failing) only warns: the relay still decides right for every
+        device the list had, and a restart, which is what an unhealthy container gets, would
+        drop that list and leave the relay with none until the API is back. No list at all
+        fails (fail-open off: every client is rejected, and nothing is lost by a restart).
+        """
+        node = self._debug_vars()
+        last = node.get("derpbox_tailscale_api_last_success_unix_time")
+        if last is None:
+            raise CheckFailed("the running server has no Tailscale API check (started with other settings?)")
+        keys = node.get("derpbox_tailscale_api_keys", 0)
+        name = "admission tailscale-api"
+        if not last:
+            if self.settings.verify_tailscale_api_fail_open:
+                return Result(name, WARN, "no device list fetched yet; fail-open admits every client meanwhile")
+            raise CheckFailed("no device list fetched yet: every client is rejected until one is")
+        age = max(0.0, time.time() - last)
+        if node.get("derpbox_tailscale_api_stale", 1):
+            return Result(name, WARN, f"the API is failing; the last list ({keys:g} node keys, {age:.0f} s old) "
+                          "stays in force")
+        return Result(name, OK, f"{keys:g} node keys of authorized devices, fetched {age:.0f} s ago")
+
+    def check_workers(self) -> Result:
+        """Each worker, as the node sees them: the worker answering asks the others."""
+        node = self._debug_vars()
         up = node.get("derpbox_workers_up")
         if not isinstance(up, dict):
             raise CheckFailed("the server runs as one process (no workers)")

@@ -24,7 +24,9 @@ WORKER_SCOPE = b"worker"
 FETCH_TIMEOUT = 0.5
 # Families that are not sums over the workers: how the node's figure is made. Every worker
 # dials the node's mesh peers itself, so each learns the same remote keys.
-_COMBINE = {"process_start_unix_time": min, "uptime_sec": max, "version": max, "derp_clients_remote": max}
+# Each fetches the same Tailscale API device list too: the node has the oldest list, not the sum.
+_COMBINE = {"process_start_unix_time": min, "uptime_sec": max, "version": max, "derp_clients_remote": max,
+            "derpbox_tailscale_api_keys": max, "derpbox_tailscale_api_last_success_unix_time": min}
 
 
 @implementer(IAgentEndpointFactory)
