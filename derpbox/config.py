@@ -39,6 +39,7 @@ DEV_PORT = 3340
 DEV_MESH_KEY_ENV = "TAILSCALE_DERPER_MESH_KEY"
 # derper's debug knob for the per-client send queue, read from the environment only.
 QUEUE_DEPTH_ENV = "TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"
+RTT_STATS_OFF_ENV = "TS_DERP_DISABLE_RTT_STATS"
 DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_HOSTNAME = "derp.tailscale.com"
 CERTMODES = ("manual", "letsencrypt", "gcp")
@@ -136,6 +137,7 @@ class Settings:
     public_http_port: int  # 0 = http_port
     derpmap_path: str
     send_queue_depth: int  # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH
+    rtt_stats: bool  # derp_tcp_rtt sampling, off with TS_DERP_DISABLE_RTT_STATS
     warnings: tuple[str, ...]
 
     @property
@@ -812,6 +814,7 @@ def load_settings(argv: list[str], environ: Mapping[str, str]) -> Settings:
     values["metrics_allow_networks"] = parse_networks(values["metrics_allow"])
     values["proxy_networks"] = () if values["proxy_protocol"] == "off" else parse_networks(values["trusted_proxies"])
     values["send_queue_depth"] = _send_queue_depth(environ)
+    values["rtt_stats"] = not _env_knob_bool(environ, RTT_STATS_OFF_ENV)
     cert_names = dict(pair.split("=", 1) for pair in values["mesh_cert_names"])
     values["mesh_peers"] = mesh_spec.parse_entries(values["mesh_with"], cert_names)
     unknown = unknown_env_names(environ)
@@ -851,6 +854,17 @@ def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
 
 def _env_stem(name: str) -> str:
     return name.split("_", 1)[1]
+
+
+def _env_knob_bool(environ: Mapping[str, str], name: str) -> bool:
+    """A Tailscale envknob boolean: unset or empty is false, else Go's ParseBool."""
+    text = environ.get(name, "")
+    if not text:
+        return False
+    try:
+        return _go_bool(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is invalid: expected true or false (1, t, TRUE, 0, f, FALSE, ...)") from None
 
 
 def _send_queue_depth(environ: Mapping[str, str]) -> int:

@@ -8,7 +8,8 @@ suffix, and neither do ours. derpbox-only families are prefixed `derpbox_`.
 with rc 3, reporting only `counter metrics should have "_total" suffix` for
 derper-named counters, `non-counter metrics should not have "_total" suffix` for
 derper's gauge `derp_clients_total` and `metric names should not contain
-abbreviated units` for derper's `uptime_sec`; the exposition itself parses cleanly
+abbreviated units` for derper's `uptime_sec` and `derp_average_queue_duration_ms`, and `non-histogram metrics should not have "le"
+label` for derper's counter `derp_tcp_rtt`; the exposition itself parses cleanly
 (rc 1 would mean a parse error). tests/test_metrics.py asserts exactly that.
 """
 
@@ -147,6 +148,7 @@ class Metrics:
         cert_source=None,
         mesh_stats=None,
         bootstrap_dns_stats=None,
+        rtt_stats=None,
         worker_links=None,
         start_time: float | None = None,
         clock=time.time,
@@ -159,6 +161,10 @@ class Metrics:
         self.cert_source = cert_source
         self.mesh_stats = mesh_stats
         self.bootstrap_dns_stats = bootstrap_dns_stats
+        # derp_tcp_rtt (derpbox.web.tcp_stats), None when TS_DERP_DISABLE_RTT_STATS turns it off.
+        self.rtt_stats = rtt_stats
+        # derper's derp_memstats_sys0 is the Go runtime's memory at start; here the resident size.
+        self.memory_at_start = _resident_bytes()
         # A worker (derpbox.workers): how many of its links to the other workers are up.
         self.worker_links = worker_links
         self.clock = clock
@@ -189,10 +195,12 @@ class Metrics:
         api_stats = self.admission_stats.tailscale_api if self.admission_stats is not None else None
         # relay.rate_limits: derper shows its rate-limit metrics only with -rate-config.
         for stats in (self.tls_stats, self.admission_stats, api_stats, self.cert_source, self.mesh_stats,
-                      self.bootstrap_dns_stats, relay.rate_limits):
+                      self.bootstrap_dns_stats, relay.rate_limits, self.rtt_stats):
             if stats is not None:
                 fams += declared(stats, stats.METRICS)
 
+        fams.append(Family("derp_memstats_sys0", "gauge", "Resident memory of the process at start, in bytes "
+                           "(derper: the Go runtime's memory at start).").add(self.memory_at_start))
         fams.append(Family("process_start_unix_time", "gauge", "Process start time, seconds since the Unix epoch.").add(int(self.start_time)))
         fams.append(Family("uptime_sec", "counter", "Seconds since the process started.").add(int(self.uptime())))
         fams.append(Family("version", "gauge", "Version of the running binary.").add(1, version=__version__, binary="derpbox"))

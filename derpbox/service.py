@@ -47,6 +47,7 @@ from .tls.expiry import ExpiryWatch
 from .tls.stats import TLSStats
 from .tls.transport import server_tls_factory
 from .web.accept_limit import AcceptBucket, AcceptLimitedFactory
+from .web.tcp_stats import RTTSampler, RTTStats
 from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
@@ -284,6 +285,10 @@ class DerpboxService(MultiService):
         if self.bootstrap_dns.configured:
             self._every(BOOTSTRAP_DNS_INTERVAL, self.bootstrap_dns.refresh_in_background)
         self.tls_stats = TLSStats() if settings.use_tls else None
+        self.rtt_stats = RTTStats() if settings.rtt_stats else None
+        self.rtt_sampler = RTTSampler(self.relay, self.rtt_stats, reactor) if self.rtt_stats is not None else None
+        if self.rtt_sampler is not None:
+            self.rtt_sampler.setServiceParent(self)
         self.metrics = Metrics(
             self.relay,
             self.stun_stats,
@@ -292,6 +297,7 @@ class DerpboxService(MultiService):
             cert_source=self.cert_source,
             mesh_stats=self.mesh.stats if self.mesh is not None else None,
             bootstrap_dns_stats=self.bootstrap_dns.stats,
+            rtt_stats=self.rtt_stats,
             # Read at scrape time: the workers' mesh is made further down.
             worker_links=(lambda: sum(self.worker_mesh.stats.up.values())) if worker is not None else None,
         )
@@ -386,6 +392,7 @@ class DerpboxService(MultiService):
             consistency=self.consistency_problems,
             mesh_status=self.mesh_status,
             node_view=self.node_view,
+            clock=self.reactor,
         )
         extra = {}
         if settings.derpmap_path:

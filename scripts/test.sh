@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: Prometheus and promtool, the Pebble ACME CA, HAProxy, Nginx with
 # the stream module (libnginx-mod-stream has no command, so check its module file), and
-# podman with runc and mmdebstrap to build and run the image (tests/container.py).
+# podman with runc and mmdebstrap to build and run the image (tests/container.py), and ss
+# (iproute2), which the TCP_INFO test compares against.
 missing=0
-for cmd in promtool prometheus pebble pebble-challtestsrv haproxy nginx podman runc mmdebstrap; do
+for cmd in promtool prometheus pebble pebble-challtestsrv haproxy nginx podman runc mmdebstrap ss; do
     command -v "$cmd" >/dev/null || missing=1
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing=1
@@ -22,7 +23,7 @@ if [ "$missing" = 1 ]; then
         created_policy=1
     fi
     apt-get update -q
-    apt-get install -y -q --no-install-recommends prometheus pebble haproxy nginx libnginx-mod-stream
+    apt-get install -y -q --no-install-recommends prometheus pebble haproxy nginx libnginx-mod-stream iproute2
     # With its recommends: netavark, aardvark-dns and iptables publish the containers' ports.
     apt-get install -y -q podman runc mmdebstrap
     if [ "$created_policy" = 1 ]; then

@@ -725,6 +725,15 @@ def test_send_queue_depth_from_derpers_debug_variable():
                            "expected a positive integer (default 32)")
 
 
+def test_rtt_stats_off_by_derpers_envknob():
+    assert load().rtt_stats is True
+    assert load(env={"TS_DERP_DISABLE_RTT_STATS": ""}).rtt_stats is True
+    assert load(env={"TS_DERP_DISABLE_RTT_STATS": "true"}).rtt_stats is False
+    assert load(env={"TS_DERP_DISABLE_RTT_STATS": "0"}).rtt_stats is True
+    assert error(env={"TS_DERP_DISABLE_RTT_STATS": "yes please"}) == (
+        "TS_DERP_DISABLE_RTT_STATS='yes please' is invalid: expected true or false (1, t, TRUE, 0, f, FALSE, ...)")
+
+
 def test_networks_are_parsed_once():
     s = load(["-metrics-addr", "127.0.0.1:9090", "-metrics-allow", "10.1.0.0/16, 192.0.2.7,::1",
               "-proxy-protocol", "v2", "-trusted-proxies", "127.0.0.1,fd00::/8"])
@@ -900,6 +909,6 @@ def test_table_covers_every_derper_flag_and_every_setting():
                                     "public-http-port", "derpmap-path", "acme-directory", "acme-ca-file",
                                     "acme-challenge", "proxy-protocol", "trusted-proxies", "mesh-key",
                                     "mesh-peers-file", "mesh-ca-file", "mesh-cert-names", "workers", "strict-env"} | TAILSCALE_API_FLAGS
-    derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "metrics_listen", "metrics_allow_networks",
+    derived = {"listen_host", "listen_port", "warnings", "send_queue_depth", "rtt_stats", "metrics_listen", "metrics_allow_networks",
                "proxy_networks", "mesh_peers"}
     assert {opt.field for opt in SETTINGS_TABLE} | derived == {f.name for f in dataclasses.fields(Settings)}

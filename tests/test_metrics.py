@@ -18,6 +18,7 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+from twisted.internet.task import Clock
 import pytest_twisted
 from nacl.public import PrivateKey
 from twisted.internet.address import IPv4Address
@@ -104,7 +105,9 @@ def promtool_check(text: bytes) -> tuple[int, str]:
 def assert_promtool_ok(text: bytes) -> None:
     """promtool 2.42 cannot turn linting off for `check metrics`; rc 3 means lint
     problems only. derper's counter names have no `_total` suffix and its gauge
-    `derp_clients_total` has one, and derper's `uptime_sec` abbreviates its unit;
+    `derp_clients_total` has one, and derper's `uptime_sec` and
+    `derp_average_queue_duration_ms` abbreviate their units, and its counter `derp_tcp_rtt`
+    has an `le` label;
     derpbox keeps derper's names, so rc 3 is accepted exactly when every problem is
     one of those naming lints."""
     rc, out = promtool_check(text)
@@ -116,6 +119,8 @@ def assert_promtool_ok(text: bytes) -> None:
     derper_names = {
         'derp_clients_total non-counter metrics should not have "_total" suffix',
         "uptime_sec metric names should not contain abbreviated units",
+        "derp_average_queue_duration_ms metric names should not contain abbreviated units",
+        'derp_tcp_rtt non-histogram metrics should not have "le" label',
     }
     for line in problems:
         assert re.fullmatch(r'[a-z_:][a-z0-9_:]* counter metrics should have "_total" suffix', line) or (
@@ -167,7 +172,15 @@ def test_counters_move_with_traffic_drops_rejections_and_stun(start_server, allo
     series = {name for name, _ in samples}
     assert set(types) == helps, "HELP and TYPE for every family"
     assert series == (set(types) - histograms) | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
-    assert histograms == {"derp_mesh_update_batch_size", "derp_mesh_update_loop_count"}
+    assert histograms == {"derp_mesh_update_batch_size", "derp_mesh_update_loop_count", "derp_buffered_write_frames"}
+    # Every packet sent went out in some write; the frames of each write are counted once.
+    assert value(samples, "derp_buffered_write_frames_sum") >= 5
+    assert value(samples, "derp_buffered_write_frames_count") <= value(samples, "derp_buffered_write_frames_sum")
+    assert types["derp_average_queue_duration_ms"] == "untyped"
+    assert value(samples, "derp_average_queue_duration_ms") >= 0
+    assert value(samples, "derp_memstats_sys0") > 1 << 20
+    assert {dict(labels)["le"] for name, labels in samples if name == "derp_tcp_rtt"} == {
+        "10ms", "20ms", "50ms", "100ms", "150ms", "250ms", "500ms", "inf", "non-tcp", "error"}
 
     assert value(samples, "derp_current_connections") == 2 and types["derp_current_connections"] == "gauge"
     assert value(samples, "derp_clients_total") == value(samples, "derp_clients_local") == 2
@@ -362,7 +375,7 @@ def _dummy_debug_request(path: bytes, peer: str, args=None, headers=None):
 def _debug_resource(environ, problems=()):
     relay = SimpleNamespace(stats=RelayStats(), rate_limits=None,
                             peers=lambda: iter(()), client_counts=lambda: (0, 0), check_consistency=lambda: list(problems))
-    return DebugResource(Metrics(relay), hostname="derp.example.com", environ=environ)
+    return DebugResource(Metrics(relay), hostname="derp.example.com", clock=Clock(), environ=environ)
 
 
 def test_debug_denied_for_public_source_and_allowed_by_env():

@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 from nacl.public import PrivateKey
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
@@ -488,7 +489,7 @@ async def test_port80_missing_host(port80):
 @pytest.fixture
 def debug_sites(serve):
     relay = Relay(PrivateKey.generate(), reactor)
-    debug = DebugResource(Metrics(relay), hostname="derp.example.com", environ={})
+    debug = DebugResource(Metrics(relay), hostname="derp.example.com", clock=Clock(), environ={})
     site = build_main_site(derp_enabled=True, home="", hostname="derp.example.com", debug=debug)
     return serve(site), serve(build_port80_site(main_resource=site.resource, environ={}))
 
@@ -529,7 +530,6 @@ async def test_a_request_body_is_refused_before_it_is_read(serve, framing):
 
 def clocked_channel():
     """The main site's HTTP channel on a fake clock: (clock, channel, transport)."""
-    from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
     clock = Clock()

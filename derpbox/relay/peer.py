@@ -83,6 +83,7 @@ class Peer:
         "paused",
         "disco_q",
         "data_q",
+        "queued_at",
         "ctrl",
         "pong",
         "heard_from",
@@ -121,6 +122,8 @@ class Peer:
         # and queues never exceed a few dozen entries.
         self.disco_q = []
         self.data_q = []
+        # When the packet queues last went from empty to not (derp_average_queue_duration_ms).
+        self.queued_at = 0.0
         self.ctrl = []
         self.pong = None
         # Keys this connection received packets from (None until the first): the relay
@@ -387,11 +390,14 @@ class Peer:
     def enqueue_packet(self, frame: bytes, disco: bool) -> None:
         """Queue a RecvPacket frame, dropping the oldest queued one when full."""
         q = self.disco_q if disco else self.data_q
-        if len(q) >= self.relay.queue_depth:
+        if not self.data_q and not self.disco_q:
+            self.queued_at = self.relay.clock.seconds()
+        elif len(q) >= self.relay.queue_depth:
             if not self.paused:
                 # One read can carry more packets for us than a queue holds; a
                 # writable transport takes them now rather than dropping any.
                 self._flush()
+                self.queued_at = self.relay.clock.seconds()
             else:
                 old = q.pop(0)
                 self.relay.stats.drop("queue_head", disco, len(old) - RECV_HEADER_LEN)
@@ -459,10 +465,14 @@ class Peer:
             stats = self.relay.stats
             stats.packets_sent += npackets
             stats.bytes_sent += len(data) - ctrl_len - npackets * RECV_HEADER_LEN
+            # The oldest packet's wait stands for the batch's.
+            stats.note_queue_time(self.relay.clock.seconds() - self.queued_at, npackets)
         elif parts:
             data = b"".join(parts)
+            stats = self.relay.stats
         else:
             return
+        stats.buffered_write_frames.observe_int(len(parts))
         self.bytes_out += len(data)
         self.conn.write(data)
 

@@ -6,7 +6,7 @@ Plain attributes on a slotted object keep the hot path to one attribute add;
 
 from __future__ import annotations
 
-from ..counters import Histogram, attributes, counter, gauge, histogram
+from ..counters import Histogram, attributes, counter, gauge, histogram, untyped
 
 DROP_REASONS = (
     "unknown_dest",
@@ -22,6 +22,9 @@ HTTP_REFUSAL_STATUSES = ("400", "405", "426", "431", "505")
 # derper's buckets for the PeerPresent/PeerGone batches written to a mesh watcher.
 MESH_UPDATE_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 MESH_UPDATE_LOOP_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
+BUFFERED_WRITE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
+# derper's moving average of queue time: each packet written weighs 0.1.
+QUEUE_AVERAGE_KEEP = 0.9
 
 
 class RelayStats:
@@ -61,6 +64,9 @@ class RelayStats:
         histogram("mesh_update_loop_count", "derp_mesh_update_loop_count",
                   "Writes needed to send a mesh watcher its pending updates (one here: one write per flush)."),
         counter("sclient_write_timeouts", "derp_sclient_write_timeouts", "Client writes that timed out."),
+        untyped("average_queue_duration_ms", "derp_average_queue_duration_ms",
+                "Moving average (alpha 0.1 per packet) of the time packets wait in a client's queue, in ms."),
+        histogram("buffered_write_frames", "derp_buffered_write_frames", "Frames written to a client in one write."),
         counter("packets_received_kind", "derp_packets_received_kind", "Packets received from clients, by kind.",
                 ("kind",)),
         counter("dropped_packets", "derp_packets_dropped", "Packets dropped, by reason and kind.", ("reason", "kind")),
@@ -78,7 +84,7 @@ class RelayStats:
     )
     __slots__ = attributes(METRICS) + ("packets_received_disco", "packets_received_other", "dropped_packets",
                                         "dropped_bytes", "mesh_update_batch_size", "mesh_update_loop_count",
-                                        "http_refusals")
+                                        "http_refusals", "buffered_write_frames")
 
     def __init__(self):
         for name in attributes(self.METRICS):
@@ -90,12 +96,19 @@ class RelayStats:
         self.dropped_bytes = dict.fromkeys(self.dropped_packets, 0)
         self.mesh_update_batch_size = Histogram(MESH_UPDATE_BATCH_BUCKETS)
         self.mesh_update_loop_count = Histogram(MESH_UPDATE_LOOP_BUCKETS)
+        self.average_queue_duration_ms = 0.0
+        self.buffered_write_frames = Histogram(BUFFERED_WRITE_BUCKETS)
         # Every status a bad first request can get exists from the start (a series, not a gap).
         self.http_refusals = dict.fromkeys(HTTP_REFUSAL_STATUSES, 0)
 
     @property
     def packets_received_kind(self) -> dict[str, int]:
         return {"disco": self.packets_received_disco, "other": self.packets_received_other}
+
+    def note_queue_time(self, seconds: float, npackets: int) -> None:
+        """``npackets`` written after waiting ``seconds``: the average moves as derper's does per packet."""
+        keep = QUEUE_AVERAGE_KEEP ** npackets
+        self.average_queue_duration_ms = self.average_queue_duration_ms * keep + seconds * 1000.0 * (1.0 - keep)
 
     def drop(self, reason: str, disco: bool, nbytes: int) -> None:
         key = (reason, "disco" if disco else "other")

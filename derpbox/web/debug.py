@@ -31,10 +31,13 @@ from ..netaddr import in_networks, ip_version, parse_ip, remote_address
 from ..workers.view import WORKER_SCOPE
 from .endpoints import BROWSER_HEADERS, error_body, http_error, reply, reply_later
 from .proxied import came_via_proxy
+from .tcp_stats import TrafficStream
 
 __all__ = ["DEBUG_CSP", "DebugResource", "debug_allowed", "ip_debug_allowed", "request_remote_ip"]
 
 DEBUG_CSP = BROWSER_HEADERS[b"Content-Security-Policy"] + b"; style-src 'self' 'unsafe-inline'"
+# /debug/traffic streams at once; each costs a TCP_INFO read per connection every 2 s.
+MAX_TRAFFIC_WATCHERS = 4
 
 _TAILSCALE_V4 = ipaddress.ip_network("100.64.0.0/10")
 _CHROMEOS_V4 = ipaddress.ip_network("100.115.92.0/23")
@@ -122,9 +125,13 @@ class DebugResource(Resource):
         consistency=None,
         mesh_status=None,
         node_view=None,
+        clock,
     ) -> None:
         super().__init__()
         self.metrics = metrics
+        # The reactor, for /debug/traffic's periodic rounds.
+        self.clock = clock
+        self._traffic_watchers = 0
         # /debug/check: the service's invariants (relay and mesh), the relay's alone by default.
         self.consistency = consistency or metrics.relay.check_consistency
         self.hostname = hostname
@@ -151,6 +158,7 @@ class DebugResource(Resource):
             b"/debug/vars": self._vars,
             b"/debug/check": self._check,
             b"/debug/mesh": self._mesh,
+            b"/debug/traffic": self._traffic,
         }.get(path)
         if handler is None:
             return http_error(request, http.NOT_FOUND, "404 page not found")
@@ -170,6 +178,7 @@ class DebugResource(Resource):
             ("varz", "Prometheus metrics"),
             ("check", "consistency check"),
             ("mesh", "mesh peers (JSON)"),
+            ("traffic", "per connection: RTT, congestion window, bytes (NDJSON every 2 s; ?once=1 for one round)"),
         ]
         body = ["<html><head><title>derpbox debug</title></head><body>\n<h1>derpbox debug</h1>\n<table>\n"]
         body += [f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>\n" for k, v in rows]
@@ -195,6 +204,19 @@ class DebugResource(Resource):
         peers = self.mesh_status()
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return reply(request, json.dumps({"peers": peers}, indent=1).encode() + b"\n")
+
+    def _traffic(self, request: server.Request):
+        once = request.args.get(b"once") == [b"1"]
+        if not once and self._traffic_watchers >= MAX_TRAFFIC_WATCHERS:
+            return http_error(request, http.SERVICE_UNAVAILABLE,
+                              f"{MAX_TRAFFIC_WATCHERS} /debug/traffic streams already; try ?once=1")
+        request.setHeader(b"Content-Type", b"application/x-ndjson")
+        self._traffic_watchers += 1
+        TrafficStream(request, self.metrics.relay, self.clock, once=once, on_done=self._traffic_done).start()
+        return server.NOT_DONE_YET
+
+    def _traffic_done(self) -> None:
+        self._traffic_watchers -= 1
 
     def _check(self, request: server.Request) -> bytes:
         if _whole_node(request, self.node_view):
