@@ -157,7 +157,6 @@ class Settings:
 # derper features this version does not have. Ignoring these costs only the feature, so they
 # are accepted and named at start-up (Settings.not_yet_supported).
 _IGNORED_DERPER_FEATURES = {
-    "acme_ip_certs": "-acme-ip-certs",
     "bootstrap_dns_names": "-bootstrap-dns-names",
     "unpublished_bootstrap_dns_names": "-unpublished-bootstrap-dns-names",
 }
@@ -587,7 +586,8 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            "ACME challenge: auto uses http-01 when the port-80 listener runs, else tls-alpn-01",
            _env("DERP_ACME_CHALLENGE")),
     Option("acme_ip_certs", "acme-ip-certs", BOOL, False,
-           "get short-lived Let's Encrypt certificates for IP addresses (letsencrypt mode)",
+           "with an IP -hostname (letsencrypt mode): a CA-signed certificate for that address "
+           "(Let's Encrypt's 6-day shortlived profile), no CertName pin needed",
            _env("DERP_ACME_IP_CERTS")),
     Option("home", "home", Kind("string", _home, '"" (default page), "blank", or an http:// or https:// URL'), "",
            "what to serve at /", _env("DERP_HOME", "FLAGHOME")),
@@ -1009,6 +1009,14 @@ def load_serve_settings(settings: Settings, environ: Mapping[str, str]) -> Serve
     for name, refusal in _REFUSED_DERPER_FEATURES.items():
         if getattr(settings, name):
             raise ConfigError(refusal)
+    if settings.acme_ip_certs and settings.use_tls and not settings.hostname_is_ip:
+        # derper would also order, on first use, a certificate for whichever local address a
+        # client without SNI dialled; derpbox orders only for -hostname.
+        raise ConfigError(
+            f"-acme-ip-certs with the DNS -hostname {settings.hostname!r} is not supported (derper then also "
+            "serves IP-address certificates to clients that dial an IP): set -hostname to the relay's public IP "
+            "for an IP certificate, or drop -acme-ip-certs (DERP_ACME_IP_CERTS)"
+        )
     return ServeSettings(mesh_key=_mesh_key(settings, environ), warnings=tuple(warnings))
 
 
