@@ -233,6 +233,7 @@ def test_profile_is_shortlived_for_ips_only_and_only_when_the_ca_lists_it(tmp_pa
 def test_renewal_at_a_third_of_a_six_day_lifetime_and_expiry_flag(tmp_path, log_events):
     """A stored 6-day certificate (Let's Encrypt's shortlived: backdated 1 day, 5 left): renewal is
     due 2 days before expiry, the near-expiry flag (metric) and log at 1 day before."""
+    from derpbox.metrics import declared, render
     from derpbox.tls.expiry import ExpiryWatch
 
     make_cert(tmp_path, "127.0.0.1", days=5)
@@ -257,6 +258,7 @@ def test_renewal_at_a_third_of_a_six_day_lifetime_and_expiry_flag(tmp_path, log_
     clock.advance(2)
     watch.check()
     assert src.expiring == 1
+    assert b"\nderpbox_acme_certificate_expiring 1\n" in render(declared(src, src.METRICS))
     (event,) = [e for e in log_events if e.get("log_namespace") == "derpbox.tls"]
     assert "expires in 1 days" in formatEvent(event) and "see why renewal fails" in formatEvent(event)
 
@@ -425,6 +427,19 @@ def test_a_follower_serves_what_the_ordering_worker_wrote(tmp_path):
     assert served.leaf == alpn.leaf and served.key.private_numbers() == alpn.key.private_numbers()
     assert follower.tls_alpn_certificate("other.test") is None
     follower.stopService()
+    # For an IP -hostname: derper's file names, the validation's reverse-DNS SNI.
+    ip_follower = AcmeFollower(clock, hostname="2001:db8::7", certdir=tmp_path / "ip", shared_challenges=shared)
+    ip_follower.startService()
+    _, crt, key = make_cert(tmp_path / "made", "2001:db8::7")
+    (tmp_path / "ip").mkdir()
+    crt.rename(tmp_path / "ip" / "2001.db8..7.crt")
+    key.rename(tmp_path / "ip" / "2001.db8..7.key")
+    clock.advance(1)
+    assert ip_follower.current() is not None
+    (shared / _ALPN_FILE).write_bytes(_pem(make_tls_alpn01_certificate("2001:db8::7", "tok3n.keyauth")))
+    assert ip_follower.tls_alpn_certificate(challenge_name("2001:db8::7")) is not None
+    assert ip_follower.tls_alpn_certificate("2001:db8::7") is None
+    ip_follower.stopService()
 
 
 @pytest_twisted.inlineCallbacks

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ssl
 import socket
 
-import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
