@@ -44,9 +44,6 @@ def serve(argv: list[str], environ=os.environ) -> int:
         return supervisor.run(settings, argv, environ, count)
     if worker is not None:
         die_with_parent(worker.supervisor)
-    for flag in settings.not_yet_supported():
-        log.warn("{flag} is accepted for compatibility with derper but not supported by this "
-                 "version of derpbox: it has no effect", flag=flag)
 
     # Here, not at the top: importing the reactor installs it, and only serve runs one.
     from twisted.internet import reactor

@@ -159,22 +159,12 @@ class Settings:
     def hostname_is_ip(self) -> bool:
         return is_ip(self.hostname)
 
-    def not_yet_supported(self) -> list[str]:
-        """derper settings this version accepts (so command lines keep working) but
-        does not act on: each set to a non-default value is named, never ignored silently."""
-        return [flag for name, flag in _IGNORED_DERPER_FEATURES.items() if getattr(self, name)]
-
     @property
     def accept_limited(self) -> bool:
         """-accept-connection-limit or -accept-connection-burst set to other than derper's defaults."""
         return self.accept_connection_limit != math.inf or self.accept_connection_burst != sys.maxsize
 
 
-# derper features this version does not have. Ignoring these costs only the feature, so they
-# are accepted and named at start-up (Settings.not_yet_supported).
-_IGNORED_DERPER_FEATURES = {
-    "acme_ip_certs": "-acme-ip-certs",
-}
 # Tailscale-internal services: ignoring them would run a different relay than asked for
 # (no mesh key, no CONNECT proxy), so the server refuses to start (load_serve_settings).
 _REFUSED_DERPER_FEATURES = {
@@ -629,7 +619,8 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            "ACME challenge: auto uses http-01 when the port-80 listener runs, else tls-alpn-01",
            _env("DERP_ACME_CHALLENGE")),
     Option("acme_ip_certs", "acme-ip-certs", BOOL, False,
-           "get short-lived Let's Encrypt certificates for IP addresses (letsencrypt mode)",
+           "with an IP -hostname (letsencrypt mode): a CA-signed certificate for that address "
+           "(Let's Encrypt's 6-day shortlived profile), no CertName pin needed",
            _env("DERP_ACME_IP_CERTS")),
     Option("home", "home", Kind("string", _home, '"" (default page), "blank", or an http:// or https:// URL'), "",
            "what to serve at /", _env("DERP_HOME", "FLAGHOME")),
@@ -662,11 +653,13 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            "refuse to start when a DERP_* or DERPER_* environment variable is not a setting (a misspelling); "
            "without it, a warning names the closest setting", _env("DERP_STRICT_ENV")),
     Option("secrets_url", "secrets-url", Kind("string", _optional_url, "an http:// or https:// URL"), "",
-           "setec server URL to fetch the mesh key from", _env("DERP_SECRETS_URL")),
-    Option("secrets_path_prefix", "secrets-path-prefix", TEXT, "prod/derp", "setec path prefix of the meshkey secret",
+           "refused (derper: a setec server URL to fetch the mesh key from; Tailscale-internal): "
+           "use -mesh-psk-file or -mesh-key", _env("DERP_SECRETS_URL")),
+    Option("secrets_path_prefix", "secrets-path-prefix", TEXT, "prod/derp",
+           "setec path prefix of the meshkey secret (only with -secrets-url, which is refused)",
            _env("DERP_SECRETS_PATH_PREFIX")),
     Option("secrets_cache_dir", "secrets-cache-dir", TEXT, _default_secrets_cache_dir,
-           "directory to cache setec secrets in", _env("DERP_SECRETS_CACHE_DIR"),
+           "directory to cache setec secrets in (only with -secrets-url, which is refused)", _env("DERP_SECRETS_CACHE_DIR"),
            default_text="$HOME/.cache/derper-secrets"),
     Option("bootstrap_dns_names", "bootstrap-dns-names", NAMES, (), "comma-separated names published at /bootstrap-dns",
            _env("DERP_BOOTSTRAP_DNS_NAMES", "BOOTSTRAP_DNS")),
@@ -733,7 +726,8 @@ SETTINGS_TABLE: tuple[Option, ...] = (
            _env("DERP_TCP_USER_TIMEOUT", "TCP_USER_TIMEOUT"), default_text="15s"),
     Option("tcp_write_timeout", "tcp-write-timeout", DURATION, 2.0, "per-write deadline for clients; 0 means none",
            _env("DERP_TCP_WRITE_TIMEOUT", "TCP_WRITE_TIMEOUT"), default_text="2s"),
-    Option("ace", "ace", BOOL, False, "experimental CONNECT proxy", _env("DERP_ACE")),
+    Option("ace", "ace", BOOL, False, "refused (derper: an experimental CONNECT proxy for Tailscale's own "
+           "infrastructure)", _env("DERP_ACE")),
     Option("config_file", "config-file", TEXT, "", "YAML file of settings (keys are flag names)",
            _env("DERP_CONFIG_FILE"), in_file=False),
     Option("tls", "tls", _choices("auto", "on", "off"), "auto",
@@ -1107,6 +1101,14 @@ def load_serve_settings(settings: Settings, environ: Mapping[str, str]) -> Serve
     for name, refusal in _REFUSED_DERPER_FEATURES.items():
         if getattr(settings, name):
             raise ConfigError(refusal)
+    if settings.acme_ip_certs and settings.use_tls and not settings.hostname_is_ip:
+        # derper would also order, on first use, a certificate for whichever local address a
+        # client without SNI dialled; derpbox orders only for -hostname.
+        raise ConfigError(
+            f"-acme-ip-certs with the DNS -hostname {settings.hostname!r} is not supported (derper then also "
+            "serves IP-address certificates to clients that dial an IP): set -hostname to the relay's public IP "
+            "for an IP certificate, or drop -acme-ip-certs (DERP_ACME_IP_CERTS)"
+        )
     return ServeSettings(mesh_key=_mesh_key(settings, environ), warnings=tuple(warnings))
 
 

@@ -211,6 +211,9 @@ def notes(settings: Settings) -> list[str]:
     if settings.use_tls and settings.certmode == "manual" and _hostname_ip(settings) is None:
         out.append(f"the certificate for {settings.hostname} must be issued by a CA the clients trust "
                    "(no CertName pin for DNS names)")
+    if settings.use_tls and settings.acme_ip_certs and _hostname_ip(settings) is not None:
+        out.append(f"the certificate for {settings.hostname} is CA-signed (ACME, -acme-ip-certs): clients verify it "
+                   "normally with the IP as the name, so the node needs no CertName sha256-raw pin")
     if settings.listen_host and (settings.listen_host in ("127.0.0.1", "::1", "localhost")):
         out.append(f"the server listens on {settings.listen_host} only; clients elsewhere cannot reach it")
     return out
@@ -333,8 +336,9 @@ Usage: derpbox derpmap [--format {'|'.join(FORMATS)}] [--omit-default-regions] [
 Print this relay's DERP map, built from the same flags, DERP_* variables and config
 file as the server (-hostname, -a, -stun, -stun-port, -http-port, -certdir, -region-id,
 -region-code, -region-name, -public-ipv4, -public-ipv6, -public-port, -public-stun-port,
--public-http-port). For an IP -hostname the CertName pin is read from the certificate
-the server created in -certdir.
+-public-http-port). For an IP -hostname with -certmode manual the CertName pin is read
+from the certificate the server created in -certdir; with -acme-ip-certs the certificate
+is CA-signed and the node has no pin.
 
   --format F               tailscale (policy file derpMap, default), headscale (derp.yaml),
                            ionscale (derp.sources JSON), json (wire form)

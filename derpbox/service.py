@@ -515,8 +515,10 @@ class DerpboxService(MultiService):
     def _announce_ip_node(self, port):
         """Log the DERP map node for an IP certificate, once listening and again when the pin changes."""
         self._log_ip_node(self.cert_source.current())
-        # A replaced self-signed certificate changes the sha256-raw pin: say so.
-        self.cert_source.add_listener(lambda cert: self._log_ip_node(cert, changed=True))
+        if isinstance(self.cert_source, ManualCertificateSource):
+            # A replaced self-signed certificate changes the sha256-raw pin: say so. An ACME
+            # certificate (-acme-ip-certs) has no pin, so its renewals change nothing in the map.
+            self.cert_source.add_listener(lambda cert: self._log_ip_node(cert, changed=True))
         return port
 
     def _log_ip_node(self, cert: CertifiedKey, changed: bool = False) -> None:
@@ -528,11 +530,18 @@ class DerpboxService(MultiService):
             public_stun_port=settings.public_stun_port or self.stun_port or 0,
         )
         node = build_node(bound, cert)
+        if changed:
+            text = "IP certificate replaced, its sha256-raw pin changed; update this node in your DERP map: {node}"
+        elif "CertName" in node:
+            text = ("self-signed IP certificate in use, clients need its sha256-raw pin; "
+                    "add this node to your DERP map: {node}")
+        else:
+            text = ("CA-signed IP certificate ({origin}): clients verify it normally with the IP as the name, "
+                    "no CertName pin; add this node to your DERP map: {node}")
         log.emit(
             LogLevel.warn if changed else LogLevel.info,
-            "IP certificate in use; add this node to your DERP map: {node}"
-            if not changed
-            else "IP certificate replaced, its sha256-raw pin changed; update this node in your DERP map: {node}",
+            text,
+            origin="ACME, -acme-ip-certs" if settings.acme_ip_certs else f"from {settings.certdir}",
             node=json.dumps(node),
             derp_map_node=node,
         )

@@ -8,20 +8,24 @@ pyOpenSSL) and run in threads.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 import stat
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
+from acme import messages
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from derpbox.tls.acme import (
@@ -31,6 +35,8 @@ from derpbox.tls.acme import (
     AcmeFollower,
     _pem,
     _decode_eab_key,
+    acme_cert_paths,
+    challenge_name,
     default_directory,
     make_tls_alpn01_certificate,
 )
@@ -66,11 +72,11 @@ def harness(tmp_path):
             self.sources = []
             self.ports = []
 
-        def source(self, pb: Pebble, certdir=None, **kw) -> AcmeCertificateSource:
+        def source(self, pb: Pebble, certdir=None, hostname=HOST, **kw) -> AcmeCertificateSource:
             kw.setdefault("http01_available", True)
             src = AcmeCertificateSource(
                 reactor,
-                hostname=HOST,
+                hostname=hostname,
                 certdir=certdir or tmp_path / "certs",
                 directory_url=pb.directory_url,
                 ca_file=pb.ca_file,
@@ -85,7 +91,7 @@ def harness(tmp_path):
             self.ports.append(reactor.listenTCP(port, site, interface="127.0.0.1"))
 
         def tls(self, src, port=0) -> int:
-            factory = TLSMemoryBIOFactory(ServerTLS(src, HOST, DERP_KEY), False, Factory.forProtocol(Echo))
+            factory = TLSMemoryBIOFactory(ServerTLS(src, src.hostname, DERP_KEY), False, Factory.forProtocol(Echo))
             p = reactor.listenTCP(port, factory, interface="127.0.0.1")
             self.ports.append(p)
             return p.getHost().port
@@ -105,13 +111,14 @@ def _stop(src):
     pytest_twisted.blockon(maybeDeferred(src.stopService))
 
 
-def verified_leaf(port: int, root_pem: bytes, alpn=None) -> x509.Certificate:
-    """Handshake trusting only Pebble's root, check hostname, echo; the served leaf."""
+def verified_leaf(port: int, root_pem: bytes, alpn=None, name=HOST) -> x509.Certificate:
+    """Handshake trusting only Pebble's root, check the name (an IP: its iPAddress SAN), echo;
+    the served leaf."""
     ctx = ssl.create_default_context(cadata=root_pem.decode())
     if alpn:
         ctx.set_alpn_protocols(alpn)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        with ctx.wrap_socket(s, server_hostname=HOST) as t:
+        with ctx.wrap_socket(s, server_hostname=name) as t:
             t.sendall(b"ping")
             assert t.recv(4) == b"ping"
             return x509.load_der_x509_certificate(t.getpeercert(binary_form=True))
@@ -184,9 +191,76 @@ def test_tls_alpn01_certificate_is_rfc8737():
     assert list(san) == [x509.DNSName(HOST)]
 
 
-def test_ip_hostname_rejected(tmp_path):
-    with pytest.raises(ValueError):
-        AcmeCertificateSource(reactor, hostname="192.0.2.1", certdir=tmp_path, directory_url="https://x/")
+def test_empty_hostname_rejected(tmp_path):
+    with pytest.raises(ValueError, match="need a hostname"):
+        AcmeCertificateSource(reactor, hostname="", certdir=tmp_path, directory_url="https://x/")
+
+
+def test_ip_identifier_names_rfc8738():
+    # TLS-ALPN-01 for an IP: reverse-DNS SNI, the address in an iPAddress SAN (RFC 8738 section 6).
+    assert challenge_name("127.0.0.1") == "1.0.0.127.in-addr.arpa"
+    assert challenge_name("2001:db8::7") == "7.0.0.0." + "0.0.0.0." * 5 + "8.b.d.0.1.0.0.2.ip6.arpa"
+    assert challenge_name("Derp.Test.") == "derp.test"
+    ck = make_tls_alpn01_certificate("2001:db8::7", "tok.thumb")
+    san = ck.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.IPAddress(ipaddress.ip_address("2001:db8::7"))]
+    assert ck.leaf.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID).critical
+    # derper's file names for IP certificates: an IPv6 address's colons become dots.
+    assert acme_cert_paths("/c", "2001:db8::7") == (Path("/c/2001.db8..7.crt"), Path("/c/2001.db8..7.key"))
+    assert acme_cert_paths("/c", "127.0.0.1") == (Path("/c/127.0.0.1.crt"), Path("/c/127.0.0.1.key"))
+
+
+def test_profile_is_shortlived_for_ips_only_and_only_when_the_ca_lists_it(tmp_path, log_lines):
+    def source(hostname, **kw):
+        return AcmeCertificateSource(reactor, hostname=hostname, certdir=tmp_path, directory_url="https://ca/", **kw)
+
+    def directory(profiles):
+        return messages.Directory.from_json({"newOrder": "https://ca/new-order",
+                                             **({"meta": {"profiles": profiles}} if profiles is not None else {})})
+
+    lets_encrypt = directory({"classic": "90 days", "shortlived": "6 days", "tlsserver": "new"})
+    assert source("127.0.0.1")._choose_profile(lets_encrypt) == "shortlived"
+    assert source("2001:db8::7")._choose_profile(lets_encrypt) == "shortlived"
+    assert source(HOST)._choose_profile(lets_encrypt) is None  # DNS names keep the CA's default
+    assert source(HOST, profile="tlsserver")._choose_profile(lets_encrypt) == "tlsserver"
+    assert source("127.0.0.1")._choose_profile(directory(None)) is None
+    assert any("lists no profiles: ordering without the 'shortlived' profile for 127.0.0.1" in line
+               for line in log_lines)
+    assert source("127.0.0.1")._choose_profile(directory({"classic": "90 days"})) is None
+    assert any("lists the profiles classic: ordering without the 'shortlived' profile" in line for line in log_lines)
+
+
+def test_renewal_at_a_third_of_a_six_day_lifetime_and_expiry_flag(tmp_path, log_events):
+    """A stored 6-day certificate (Let's Encrypt's shortlived: backdated 1 day, 5 left): renewal is
+    due 2 days before expiry, the near-expiry flag (metric) and log at 1 day before."""
+    from derpbox.metrics import declared, render
+    from derpbox.tls.expiry import ExpiryWatch
+
+    make_cert(tmp_path, "127.0.0.1", days=5)
+    clock = Clock()
+    clock.advance(time.time())
+    src = AcmeCertificateSource(reactor, hostname="127.0.0.1", certdir=tmp_path, directory_url="https://ca/",
+                                clock=clock)
+    src.startService()
+    ck = src.current()
+    assert ck is not None and src.stats.orders == 0
+    (call,) = clock.getDelayedCalls()
+    renew_at = call.getTime()
+    assert renew_at == pytest.approx(ck.not_after.timestamp() - 2 * 86400, abs=1)
+    assert src.stats.next_check == pytest.approx(renew_at)
+    # Stopped, so the renewal (to a CA that does not exist) is not attempted as time moves on.
+    src.stopService()
+    assert not clock.getDelayedCalls()
+    watch = ExpiryWatch(src, clock, self_signed_ip=False)
+    clock.advance(renew_at + 86400 - clock.seconds() - 1)
+    watch.check()
+    assert src.expiring == 0 and not [e for e in log_events if e.get("log_namespace") == "derpbox.tls"]
+    clock.advance(2)
+    watch.check()
+    assert src.expiring == 1
+    assert b"\nderpbox_acme_certificate_expiring 1\n" in render(declared(src, src.METRICS))
+    (event,) = [e for e in log_events if e.get("log_namespace") == "derpbox.tls"]
+    assert "expires in 1 days" in formatEvent(event) and "see why renewal fails" in formatEvent(event)
 
 
 # --- against Pebble -----------------------------------------------------------------------
@@ -353,3 +427,55 @@ def test_a_follower_serves_what_the_ordering_worker_wrote(tmp_path):
     assert served.leaf == alpn.leaf and served.key.private_numbers() == alpn.key.private_numbers()
     assert follower.tls_alpn_certificate("other.test") is None
     follower.stopService()
+    # For an IP -hostname: derper's file names, the validation's reverse-DNS SNI.
+    ip_follower = AcmeFollower(clock, hostname="2001:db8::7", certdir=tmp_path / "ip", shared_challenges=shared)
+    ip_follower.startService()
+    _, crt, key = make_cert(tmp_path / "made", "2001:db8::7")
+    (tmp_path / "ip").mkdir()
+    crt.rename(tmp_path / "ip" / "2001.db8..7.crt")
+    key.rename(tmp_path / "ip" / "2001.db8..7.key")
+    clock.advance(1)
+    assert ip_follower.current() is not None
+    (shared / _ALPN_FILE).write_bytes(_pem(make_tls_alpn01_certificate("2001:db8::7", "tok3n.keyauth")))
+    assert ip_follower.tls_alpn_certificate(challenge_name("2001:db8::7")) is not None
+    assert ip_follower.tls_alpn_certificate("2001:db8::7") is None
+    ip_follower.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_ip_certificate_over_tls_alpn01_first_and_on_renewal(pebble, harness, tmp_path, log_lines):
+    """RFC 8738: the order has an ip identifier; Pebble's validator sends the reverse-DNS SNI and
+    gets the address in an iPAddress SAN, before any certificate exists and with one served."""
+    src = harness.source(pebble, hostname="127.0.0.1", challenge="tls-alpn-01")
+    port = harness.tls(src, pebble.tls_port)
+    src.startService()
+    yield wait_for(lambda: src.current() is not None or src.stats.failures)
+    assert src.current() is not None, "\n".join(log_lines[-10:])
+    assert any("ACME tls-alpn-01 handshake for 1.0.0.127.in-addr.arpa from 127.0.0.1" in line for line in log_lines)
+    leaf = yield deferToThread(verified_leaf, port, pebble.root_pem(), name="127.0.0.1")
+    assert leaf.serial_number == src.current().leaf.serial_number
+    yield src.stopService()
+    for p in harness.ports:
+        yield p.stopListening()
+    harness.ports.clear()
+
+    # Renewal while that certificate is served: the stored files, a new account (so Pebble
+    # cannot reuse the first account's valid authorization and asks for the challenge again).
+    certs2 = tmp_path / "certs2"
+    certs2.mkdir()
+    for name in ("127.0.0.1.crt", "127.0.0.1.key"):
+        (certs2 / name).write_bytes((tmp_path / "certs" / name).read_bytes())
+    renewing = harness.source(pebble, certdir=certs2, hostname="127.0.0.1", challenge="tls-alpn-01")
+    port = harness.tls(renewing, pebble.tls_port)
+    renewing.startService()
+    assert renewing.current().leaf.serial_number == src.current().leaf.serial_number
+
+    def validations():
+        return sum("ACME tls-alpn-01 handshake for 1.0.0.127.in-addr.arpa" in line for line in log_lines)
+
+    before = validations()
+    yield renewing.renew_now()
+    assert renewing.stats.renewals == 1 and renewing.stats.accounts_created == 1, "\n".join(log_lines[-10:])
+    assert validations() > before
+    leaf = yield deferToThread(verified_leaf, port, pebble.root_pem(), name="127.0.0.1")
+    assert leaf.serial_number == renewing.current().leaf.serial_number != src.current().leaf.serial_number

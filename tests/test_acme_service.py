@@ -7,6 +7,7 @@ import socket
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
+from twisted.protocols import portforward
 
 from derpbox.client import DERPClient
 
@@ -165,3 +166,122 @@ def test_gcp_mode_with_external_account_binding(start_server, pebble_eab, tmp_pa
     source = right.service.cert_source
     yield wait_for(lambda: source.current() is not None, timeout=60)
     assert source.stats.accounts_created == 1 and source.stats.issued == 1
+
+
+# --- -acme-ip-certs: a CA-signed certificate for the IP -hostname (RFC 8738) ------------------------
+
+IP = "127.0.0.1"
+
+
+def ip_flags(pebble, tmp_path, *extra):
+    return ("-certmode", "letsencrypt", "-hostname", IP, "-acme-ip-certs", "-tls", "on",
+            "-certdir", str(tmp_path / "acme"), "-acme-directory", pebble.directory_url,
+            "-acme-ca-file", str(pebble.ca_file), *extra)
+
+
+def ip_verified_leaf(port: int, root_pem: bytes):
+    """A handshake trusting only Pebble's root, the certificate checked for the IP (no SNI sent)."""
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cadata=root_pem.decode())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname=IP) as t:
+            return x509.load_der_x509_certificate(t.getpeercert(binary_form=True))
+
+
+def assert_ip_certificate(leaf, source):
+    import ipaddress
+
+    from cryptography import x509
+
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(IP)]
+    assert leaf.serial_number == source.current().leaf.serial_number
+    assert len(source.current().chain) >= 2  # CA-issued: leaf and intermediate
+
+
+def announced_node(log_events, log_lines):
+    (node,) = [e["derp_map_node"] for e in log_events if "derp_map_node" in e]
+    assert any("CA-signed IP certificate (ACME, -acme-ip-certs): clients verify it normally" in line
+               for line in log_lines)
+    return node
+
+
+@pytest_twisted.inlineCallbacks
+def test_ip_certificate_over_http01(start_server, pebble, tmp_path, log_events, log_lines):
+    server = yield start_server(*ip_flags(pebble, tmp_path, "-http-port", str(pebble.http_port),
+                                          "-acme-challenge", "http-01"))
+    source = server.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    assert source.stats.issued == 1 and not source.stats.failures
+    # Debian's Pebble (2.4) lists no profiles, so the order carries none.
+    assert source.stats.profile == ""
+    assert (tmp_path / "acme" / "127.0.0.1.crt").exists()
+    leaf = yield deferToThread(ip_verified_leaf, server.port, pebble.root_pem())
+    assert_ip_certificate(leaf, source)
+    node = announced_node(log_events, log_lines)
+    assert node["HostName"] == IP and node["IPv4"] == IP and "CertName" not in node
+    # Renewals replace the certificate but not the map: no "pin changed" line.
+    yield source.renew_now()
+    assert source.stats.renewals == 1
+    assert not any("pin changed" in line for line in log_lines)
+
+
+@needs_tailcat
+@pytest_twisted.inlineCallbacks
+def test_ip_certificate_over_tls_alpn01_and_a_go_client_verifies_it_without_a_pin(
+        start_server, pebble, serve_map, tmp_path, log_events, log_lines):
+    server = yield start_server(*ip_flags(pebble, tmp_path, "-a", f"127.0.0.1:{pebble.tls_port}",
+                                          "-http-port", "-1"))
+    source = server.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    # Pebble's validator named the address by its reverse-DNS name (RFC 8738 section 6).
+    assert any("ACME tls-alpn-01 handshake for 1.0.0.127.in-addr.arpa" in line for line in log_lines)
+    root = pebble.root_pem()
+    leaf = yield deferToThread(ip_verified_leaf, server.port, root)
+    assert_ip_certificate(leaf, source)
+    node = announced_node(log_events, log_lines)
+    assert "CertName" not in node
+    # Tailscale's Go client with the node as logged (no pin, no InsecureForTests), trusting Pebble's root.
+    (tmp_path / "pebble-root.pem").write_bytes(root)
+    the_map = {"Regions": {"900": {"RegionID": 900, "RegionCode": "ip", "RegionName": "ip",
+                                   "Nodes": [dict(node, IPv6="none")]}}}
+    tc = Tailcat(tmp_path / "tc", serve_map(the_map), extra_env={"SSL_CERT_FILE": str(tmp_path / "pebble-root.pem")})
+    out = yield deferToThread(ping, tc)
+    assert "via DERP(ip)" in out, out
+
+
+class _ProxyV1Client(portforward.ProxyClient):
+    """Opens the forwarded connection with a PROXY v1 line, as Nginx stream does."""
+
+    def connectionMade(self):
+        src, dst = self.peer.transport.getPeer(), self.peer.transport.getHost()
+        self.transport.write(f"PROXY TCP4 {src.host} {dst.host} {src.port} {dst.port}\r\n".encode())
+        super().connectionMade()
+
+
+class _ProxyV1ClientFactory(portforward.ProxyClientFactory):
+    protocol = _ProxyV1Client
+
+
+class _ProxyV1Server(portforward.ProxyServer):
+    clientProtocolFactory = _ProxyV1ClientFactory
+
+
+@pytest_twisted.inlineCallbacks
+def test_ip_certificate_behind_a_proxy_protocol_proxy(start_server, pebble, tmp_path, request):
+    """The CA's validation reaches derpbox through the proxy (a PROXY header first): the
+    certificate is for the address dialled, whatever source the header names."""
+    from twisted.internet import reactor
+
+    server = yield start_server(*ip_flags(pebble, tmp_path, "-http-port", "-1", "-acme-challenge", "tls-alpn-01",
+                                          "-proxy-protocol", "v1", "-trusted-proxies", "127.0.0.1"))
+    factory = portforward.ProxyFactory("127.0.0.1", server.port)
+    factory.protocol = _ProxyV1Server
+    proxy = reactor.listenTCP(pebble.tls_port, factory, interface="127.0.0.1")
+    request.addfinalizer(lambda: pytest_twisted.blockon(proxy.stopListening()))
+    source = server.service.cert_source
+    yield wait_for(lambda: source.current() is not None, timeout=60)
+    assert source.stats.issued == 1 and not source.stats.failures
+    leaf = yield deferToThread(ip_verified_leaf, pebble.tls_port, pebble.root_pem())
+    assert_ip_certificate(leaf, source)

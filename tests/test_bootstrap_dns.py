@@ -29,7 +29,6 @@ from derpbox.bootstrap_dns import (
     parse_entry,
     rollout_percent,
 )
-from derpbox.config import load_settings
 
 from .support import exchange, wait_for
 
@@ -246,12 +245,6 @@ def test_nothing_configured_answers_empty_and_is_not_refreshed():
     assert not bootstrap.configured
     assert bootstrap.respond("", "1.2.3.4") == b""
     assert bootstrap.stats.requests == 1
-
-
-def test_bootstrap_names_are_supported_settings():
-    settings = load_settings(["-tls", "off", "-bootstrap-dns-names", "a.example",
-                              "-unpublished-bootstrap-dns-names", "b.example/t"], {})
-    assert settings.not_yet_supported() == []
 
 
 # --- resolving through a DNS server -------------------------------------------------------------

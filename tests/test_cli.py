@@ -109,3 +109,13 @@ def test_derper_flags_that_act_now_raise_no_unsupported_warning(tmp_path):
     assert "not supported" not in err, err
     assert "rate config applied: client-rate=1000000 bytes/sec" in err
     assert "apply to the TLS listener only" in err
+
+
+def test_help_says_which_derper_flags_are_refused_and_nothing_is_ignored():
+    out = subprocess.run([sys.executable, "-m", "derpbox", "-h"], capture_output=True, text=True, timeout=30)
+    text = out.stdout + out.stderr
+    assert "not supported" not in text and "no effect" not in text
+    lines = text.splitlines()
+    for flag in ("-ace", "-secrets-url"):
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(flag + " ") or line.strip() == flag)
+        assert "refused" in " ".join(lines[at:at + 3]), lines[at:at + 3]

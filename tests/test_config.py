@@ -696,6 +696,19 @@ def test_letsencrypt_cannot_certify_an_ip():
 
 def test_acme_ip_certs_needs_letsencrypt():
     assert "-acme-ip-certs needs -certmode letsencrypt" in error(["-acme-ip-certs", "-certmode", "manual"])
+    assert "-acme-ip-certs needs -certmode letsencrypt, not 'gcp'" in error(
+        ["-acme-ip-certs", "-certmode", "gcp", "-hostname", "192.0.2.1"])
+
+
+def test_acme_ip_certs_is_supported_for_an_ip_hostname_and_refused_with_a_dns_one():
+    ip = load(["-hostname", "192.0.2.1", "-acme-ip-certs"])
+    assert load_serve_settings(ip, {}).mesh_key is None
+    # derper would add IP certificates per dialled address beside the DNS one; derpbox says it does not.
+    message = serve_error(["-hostname", "derp.example.com", "-acme-ip-certs"])
+    assert message.startswith("-acme-ip-certs with the DNS -hostname 'derp.example.com' is not supported")
+    assert "set -hostname to the relay's public IP" in message and "DERP_ACME_IP_CERTS" in message
+    # Without TLS there is no certificate to refuse.
+    assert load_serve_settings(load(["-hostname", "derp.example.com", "-acme-ip-certs", "-a", ":8080"]), {})
 
 
 def test_gcp_requirements():

@@ -199,6 +199,22 @@ def test_ca_issued_ip_certificate_is_not_pinned(tmp_path):
     assert "CertName" not in node and node["IPv4"] == "203.0.113.7"
 
 
+def test_acme_ip_certificate_is_not_pinned_and_the_command_says_why(tmp_path):
+    """-acme-ip-certs: the CA-signed certificate needs no pin and none is read from -certdir,
+    even before the server has obtained it."""
+    certdir = tmp_path / "empty"
+    out, err = io.StringIO(), io.StringIO()
+    rc = derpmap_main(["--format", "json", "-hostname", "203.0.113.7", "-acme-ip-certs", "-c", "/x/k",
+                       "-certdir", str(certdir)], {}, out, err)
+    assert rc == 0, err.getvalue()
+    node = json.loads(out.getvalue())["Regions"]["900"]["Nodes"][0]
+    assert node == {"Name": "900a", "RegionID": 900, "HostName": "203.0.113.7", "IPv4": "203.0.113.7",
+                    "CanPort80": True}
+    assert ("note: the certificate for 203.0.113.7 is CA-signed (ACME, -acme-ip-certs): clients verify it "
+            "normally with the IP as the name, so the node needs no CertName sha256-raw pin") in err.getvalue()
+    assert not certdir.exists()
+
+
 def test_node_pins_the_certificate_it_is_given(tmp_path):
     """The server passes the certificate it serves rather than reading -certdir (replaces
     test_tls's test_derp_map_node_json, the start-up line's former builder)."""

@@ -15,10 +15,21 @@ Challenges:
   :meth:`AcmeCertificateSource.tls_alpn_certificate` for a ClientHello that
   offers only ``acme-tls/1`` (it finds the method on its source by itself).
 
-Renewal happens when ``renew_fraction`` (1/3) of the lifetime is left; failures
-are retried with exponential backoff from ``retry_min`` to ``retry_max``
-seconds, as autocert does. Files in *certdir*: ``acme-account.key`` (the account
-key, reused across restarts), ``<host>.crt`` (full chain) and ``<host>.key``.
+IP addresses (derper's ``-acme-ip-certs``, RFC 8738): an IP *hostname* is ordered
+as an ``ip`` identifier. Let's Encrypt issues those only under its ``shortlived``
+profile (about 6 days), which the order requests when the CA's directory lists it
+(draft-aaron-acme-profiles); a CA without profiles gets an order without one. The
+TLS-ALPN-01 validation handshake names the address by its reverse-DNS name
+(``4.3.2.1.in-addr.arpa``) in the SNI and the validation certificate carries the
+address in an iPAddress SAN (RFC 8738 section 6).
+
+Renewal happens when ``renew_fraction`` (1/3) of the lifetime is left, whatever
+the lifetime (so about every 4 days for a 6-day certificate, 60 for a 90-day
+one); failures are retried with exponential backoff from ``retry_min`` to
+``retry_max`` seconds, as autocert and derper's IP certificate manager do. Files
+in *certdir*: ``acme-account.key`` (the account key, reused across restarts),
+``<host>.crt`` (full chain) and ``<host>.key``; for an IPv6 address the colons
+become dots, as derper names them.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import binascii
 import datetime
 import hashlib
+import ipaddress
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,12 +54,12 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
-from ..counters import counter
+from ..counters import counter, gauge
 from ..files import write_atomically
-from ..netaddr import is_ip
 from .certs import CertificateError, CertificateHolder, CertifiedKey, cert_paths, load_certified_key
+from .expiry import warning_time
 
 log = Logger()
 
@@ -57,6 +69,7 @@ __all__ = [
     "AcmeError",
     "AcmeStats",
     "DIRECTORIES",
+    "SHORTLIVED_PROFILE",
     "TLSALPN01Response",
     "default_directory",
     "make_tls_alpn01_certificate",
@@ -72,7 +85,30 @@ ACME_TLS_1 = b"acme-tls/1"
 ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 HTTP01 = "http-01"
 TLSALPN01 = "tls-alpn-01"
+# Let's Encrypt's profile for IP address certificates (derper requests it by this name).
+SHORTLIVED_PROFILE = "shortlived"
 _USER_AGENT = "derpbox"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip_address(hostname: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(hostname)
+    except ValueError:
+        return None
+
+
+def challenge_name(hostname: str) -> str:
+    """The SNI of a TLS-ALPN-01 validation handshake for *hostname*: the name itself, or for
+    an IP address its reverse-DNS name (RFC 8738 section 6), lower case without the root dot."""
+    ip = _ip_address(hostname)
+    return ip.reverse_pointer if ip is not None else hostname.rstrip(".").lower()
+
+
+def acme_cert_paths(certdir: str | os.PathLike[str], hostname: str) -> tuple[Path, Path]:
+    """``<name>.crt`` and ``<name>.key``; an IPv6 address with its colons as dots (derper's names)."""
+    ip = _ip_address(hostname)
+    return cert_paths(certdir, str(ip).replace(":", ".") if ip is not None else hostname)
 
 
 def default_directory(certmode: str) -> str:
@@ -123,6 +159,7 @@ class AcmeStats:
     last_error: str = ""
     last_error_time: float | None = None
     not_after: float | None = None  # unix time of the certificate being served
+    profile: str = ""  # the profile the last order requested ("" = none)
     next_check: float | None = None  # unix time of the next renewal check or retry
 
     @property
@@ -137,10 +174,14 @@ class _Order:
     pending: list[tuple[str, messages.ChallengeBody, str]]  # (challenge type, challenge, key authorization)
     key_pem: bytes  # the new certificate's private key
     account_created: bool
+    profile: str  # "" = none requested
 
 
-def make_tls_alpn01_certificate(domain: str, key_authorization: str) -> CertifiedKey:
-    """The RFC 8737 validation certificate: self-signed, one SAN, critical acmeIdentifier."""
+def make_tls_alpn01_certificate(identifier: str, key_authorization: str) -> CertifiedKey:
+    """The RFC 8737 validation certificate: self-signed, one SAN (dNSName, or iPAddress for an
+    IP *identifier* as RFC 8738 asks), critical acmeIdentifier."""
+    ip = _ip_address(identifier)
+    san = x509.IPAddress(ip) if ip is not None else x509.DNSName(identifier)
     key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpbox ACME TLS-ALPN-01")])
@@ -153,7 +194,7 @@ def make_tls_alpn01_certificate(domain: str, key_authorization: str) -> Certifie
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         # DER OCTET STRING (tag 4, length 32) holding the digest.
         .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True)
         .sign(key, hashes.SHA256())
@@ -183,7 +224,11 @@ def _decode_eab_key(value: str) -> str:
 class AcmeCertificateSource(CertificateHolder, Service):
     """A certificate source that obtains and renews its certificate over ACME."""
 
-    METRICS = CertificateHolder.METRICS + tuple(m._replace(attr="stats." + m.attr) for m in AcmeStats.METRICS)
+    METRICS = CertificateHolder.METRICS + tuple(m._replace(attr="stats." + m.attr) for m in AcmeStats.METRICS) + (
+        gauge("expiring", "derpbox_acme_certificate_expiring",
+              "1 when the served certificate is near expiry because renewals keep failing (the log says why), "
+              "else 0."),
+    )
 
     def __init__(
         self,
@@ -199,6 +244,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
         challenge: str = "auto",
         http01_available: bool = True,
         shared_challenges: str | os.PathLike[str] | None = None,
+        profile: str | None = None,
         renew_fraction: float = 1 / 3,
         retry_min: float = 60.0,
         retry_max: float = 1800.0,
@@ -206,8 +252,8 @@ class AcmeCertificateSource(CertificateHolder, Service):
         clock=None,
     ) -> None:
         CertificateHolder.__init__(self)
-        if not hostname or is_ip(hostname):
-            raise ValueError(f"ACME certificates need a DNS hostname, not {hostname!r}")
+        if not hostname:
+            raise ValueError("ACME certificates need a hostname (a DNS name or, with -acme-ip-certs, an IP address)")
         if challenge not in ("auto", HTTP01, TLSALPN01):
             raise ValueError(f"unknown ACME challenge type {challenge!r} (auto, http-01 or tls-alpn-01)")
         if bool(eab_kid) != bool(eab_key):
@@ -216,7 +262,10 @@ class AcmeCertificateSource(CertificateHolder, Service):
             raise ValueError("renew_fraction must be in (0, 1]")
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
-        self.hostname = hostname.rstrip(".").lower()
+        self.ip = _ip_address(hostname)
+        self.hostname = str(self.ip) if self.ip is not None else hostname.rstrip(".").lower()
+        # The profile to ask for when the CA lists it; by default derper's choice.
+        self.profile = profile if profile is not None else (SHORTLIVED_PROFILE if self.ip is not None else "")
         self.certdir = Path(certdir)
         self.directory_url = directory_url
         self.email = email
@@ -230,7 +279,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
         self.retry_max = retry_max
         self.order_timeout = order_timeout
         self.stats = AcmeStats()
-        self.crt_path, self.key_path = cert_paths(self.certdir, self.hostname)
+        self.crt_path, self.key_path = acme_cert_paths(self.certdir, self.hostname)
         self.account_key_path = self.certdir / ACCOUNT_KEY_FILE
         self._http01: dict[str, bytes] = {}
         # With workers (derpbox.workers): HTTP-01 answers also go here, for the worker that
@@ -252,6 +301,11 @@ class AcmeCertificateSource(CertificateHolder, Service):
     def tls_alpn_certificate(self, server_name: str) -> CertifiedKey | None:
         """The RFC 8737 certificate for an ``acme-tls/1`` handshake with SNI *server_name*, or None."""
         return self._tls_alpn.get(server_name.rstrip(".").lower())
+
+    @property
+    def expiring(self) -> int:
+        current = self.current()
+        return int(current is not None and self.clock.seconds() >= warning_time(current))
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -357,11 +411,14 @@ class AcmeCertificateSource(CertificateHolder, Service):
             return
         self._publish(ck)
         log.info(
-            "ACME: {what} certificate for {hostname}, serial {serial:x}, valid until {not_after:%Y-%m-%d %H:%M:%S} UTC",
+            "ACME: {what} certificate for {hostname}, serial {serial:x}, valid until {not_after:%Y-%m-%d %H:%M:%S} UTC"
+            "{profile}; renewal due {renew_at:%Y-%m-%d %H:%M:%S} UTC",
             what="renewed" if renewing else "obtained",
             hostname=self.hostname,
             serial=ck.leaf.serial_number,
             not_after=ck.not_after,
+            profile=f" (profile {self.stats.profile})" if self.stats.profile else "",
+            renew_at=datetime.datetime.fromtimestamp(self._renew_at(ck), datetime.timezone.utc),
         )
         # Never loop on a CA that issues certificates already due for renewal.
         self._schedule(max(self._renew_at(ck) - self.clock.seconds(), self.retry_min))
@@ -372,6 +429,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
     def _obtain(self):
         order: _Order = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._begin_order)
         self.stats.orders += 1
+        self.stats.profile = order.profile
         if order.account_created:
             self.stats.accounts_created += 1
         answered = []
@@ -385,7 +443,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
                         write_atomically(self.shared_challenges / token, key_authz.encode("ascii"), 0o600)
                 else:
                     alpn = make_tls_alpn01_certificate(self.hostname, key_authz)
-                    self._tls_alpn[self.hostname] = alpn
+                    self._tls_alpn[challenge_name(self.hostname)] = alpn
                     if self.shared_challenges is not None:
                         self.shared_challenges.mkdir(mode=0o700, exist_ok=True)
                         write_atomically(self.shared_challenges / _ALPN_FILE, _pem(alpn), 0o600)
@@ -407,7 +465,7 @@ class AcmeCertificateSource(CertificateHolder, Service):
                     if self.shared_challenges is not None:
                         (self.shared_challenges / token).unlink(missing_ok=True)
                 else:
-                    self._tls_alpn.pop(self.hostname, None)
+                    self._tls_alpn.pop(challenge_name(self.hostname), None)
                     if self.shared_challenges is not None:
                         (self.shared_challenges / _ALPN_FILE).unlink(missing_ok=True)
         return pem
@@ -428,14 +486,18 @@ class AcmeCertificateSource(CertificateHolder, Service):
         acme = client.ClientV2(directory, net)
         account_created = self._account(acme, account_key, directory)
         key_pem = _new_cert_key_pem()
-        csr = crypto_util.make_csr(key_pem, [self.hostname])
-        orderr = acme.new_order(csr)
+        if self.ip is not None:
+            csr = crypto_util.make_csr(key_pem, ipaddrs=[self.ip])
+        else:
+            csr = crypto_util.make_csr(key_pem, [self.hostname])
+        profile = self._choose_profile(directory)
+        orderr = acme.new_order(csr, profile=profile)
         pending = []
         for authzr in orderr.authorizations:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # reused authorization (e.g. PEBBLE_AUTHZREUSE): nothing to answer
             pending.append(self._choose_challenge(authzr, account_key))
-        return _Order(acme, orderr, pending, key_pem, account_created)
+        return _Order(acme, orderr, pending, key_pem, account_created, profile or "")
 
     # Runs in a worker thread.
     def _finish_order(self, order: _Order) -> CertifiedKey:
@@ -456,6 +518,25 @@ class AcmeCertificateSource(CertificateHolder, Service):
             return load_certified_key(self.crt_path, self.key_path, self.hostname)
         except CertificateError as e:
             raise AcmeError("bad_certificate", f"the CA issued an unusable certificate: {e}") from None
+
+    def _choose_profile(self, directory: messages.Directory) -> str | None:
+        """The profile to request: ours when the CA lists it, else none (the CA's default)."""
+        if not self.profile:
+            return None
+        offered = directory.meta.profiles or {}
+        if self.profile in offered:
+            return self.profile
+        # A CA without profiles (e.g. Pebble before 2.7) issues its one kind; one that has
+        # others may refuse the identifier, and its error then says so.
+        log.emit(
+            LogLevel.warn if offered else LogLevel.info,
+            "ACME: {directory} {lists}: ordering without the {profile!r} profile for {hostname}",
+            directory=self.directory_url,
+            lists=f"lists the profiles {', '.join(sorted(offered))}" if offered else "lists no profiles",
+            profile=self.profile,
+            hostname=self.hostname,
+        )
+        return None
 
     def _choose_challenge(self, authzr: messages.AuthorizationResource, account_key: jose.JWK):
         offered: dict[str, Any] = {}
@@ -588,7 +669,7 @@ class AcmeFollower(CertificateHolder, Service):
         CertificateHolder.__init__(self)
         self.reactor = reactor
         self.hostname = hostname
-        self.crt_path, self.key_path = cert_paths(certdir, hostname)
+        self.crt_path, self.key_path = acme_cert_paths(certdir, hostname)
         self.shared_challenges = Path(shared_challenges)
         self._seen = None
         self._loop = None
@@ -630,7 +711,7 @@ class AcmeFollower(CertificateHolder, Service):
 
     def tls_alpn_certificate(self, server_name: str) -> CertifiedKey | None:
         """The ordering worker's TLS-ALPN-01 certificate, while it has one for our name."""
-        if server_name.rstrip(".").lower() != self.hostname.lower():
+        if server_name.rstrip(".").lower() != challenge_name(self.hostname):
             return None
         try:
             pem = (self.shared_challenges / _ALPN_FILE).read_bytes()

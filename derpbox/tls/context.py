@@ -67,8 +67,11 @@ class ServerTLS:
         if self._tls_alpn is not None:
             self._pending_context = SSL.Context(SSL.TLS_SERVER_METHOD)
             self._pending_context.set_alpn_select_callback(self._select_alpn)
-            if self._expected_sni is not None:
-                self._pending_context.set_tlsext_servername_callback(self._check_sni)
+            # Without a servername callback OpenSSL fails a handshake on a context with no
+            # certificate before it asks for ALPN (seen with OpenSSL 4.0; an IP hostname has no
+            # SNI to check), so the validation certificate could never be switched in.
+            self._pending_context.set_tlsext_servername_callback(
+                self._check_sni if self._expected_sni is not None else _any_sni)
         source.add_listener(self.use)
         current = source.current()
         if current is not None:
@@ -149,6 +152,10 @@ class ServerTLS:
             )
             return SSL.NO_OVERLAPPING_PROTOCOLS
         return _select_alpn(conn, offered)
+
+
+def _any_sni(conn: SSL.Connection) -> None:
+    """Servername callback accepting every SNI (and none)."""
 
 
 def _acme_context(certified_key: CertifiedKey) -> SSL.Context:
