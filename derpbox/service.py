@@ -418,7 +418,7 @@ class DerpboxService(MultiService):
     def _main_listener(self) -> ListenerService:
         settings = self.settings
         if self.tls is not None:
-            factory, what = server_tls_factory(self.tls, self.front), "DERP (TLS)"
+            factory, what = server_tls_factory(self.tls, self.front, self.reactor), "DERP (TLS)"
         else:
             factory, what = self.front, "DERP (plain HTTP)"
         if settings.proxy_networks:

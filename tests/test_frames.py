@@ -221,3 +221,30 @@ def test_bad_first_frame(data, message):
 def test_client_info_incomplete():
     assert read_client_info(b"\x02\x00") is None
     assert read_client_info(F.pack_header(0x02, 60) + bytes(59)) is None
+
+
+def test_a_frame_in_tiny_pieces_is_collected_in_place():
+    frame = F.send_packet_frame(bytes(32), bytes(range(256)) * 256)
+    r = FrameReader(F.CLIENT_FRAME_BOUNDS)
+    assert r.feed(frame[:10]) == []
+    collected = r._pending
+    for i in range(10, len(frame) - 1):
+        assert r.feed(frame[i : i + 1]) == []
+    # The same buffer grew all along: no copy of what came before with every piece.
+    assert r._pending is collected and r.buffered == len(frame) - 1
+    [(ftype, payload)] = r.feed(frame[-1:])
+    assert ftype == F.FrameType.SEND_PACKET and bytes(payload) == frame[5:]
+    assert r.buffered == 0
+
+
+def test_limit_more_hold_and_unread():
+    frames = [F.send_packet_frame(bytes(32), b"%d" % i) for i in range(10)]
+    r = FrameReader(F.CLIENT_FRAME_BOUNDS)
+    got = r.feed(b"".join(frames), limit=4)
+    assert len(got) == 4 and r.more
+    r.unread(got[2:])  # two handed back, in front of the rest
+    r.hold(frames[0])  # and one more behind, unparsed
+    assert r.more
+    again = r.feed(b"")
+    assert [bytes(p[32:]) for _, p in again] == [b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9", b"0"]
+    assert not r.more

@@ -195,7 +195,7 @@ def test_closing_while_throttled_cancels_the_wait(limited, clock):
     b, conn_b, key_b = connect(limited)
     feed_packets(a, pub(key_b), burst_of(20))
     a.connection_lost()
-    assert not [call for call in clock.getDelayedCalls() if call.func == a._rate_paid]
+    assert not [call for call in clock.getDelayedCalls() if call.func == a._go_on]
     clock.advance(60)
     assert len(received(conn_b)) == 6
 

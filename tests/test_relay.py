@@ -13,7 +13,7 @@ from derpbox.keys import health_key
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameReader, FrameType
 from derpbox.protocol.handshake import client_info_frame, open_server_info
-from derpbox.relay.peer import KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, Peer
+from derpbox.relay.peer import FRAMES_PER_PASS, HANDSHAKE_CLIENT_INFO_MAX, KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, Peer
 from derpbox.relay.relay import Relay
 
 DISCO = F.DISCO_MAGIC + bytes(56)
@@ -713,3 +713,53 @@ def test_a_scrape_does_not_walk_the_clients(relay, monkeypatch):
     monkeypatch.setattr(Relay, "peers", lambda self: walked.append(self) or iter(()))
     text = Metrics(relay).exposition()
     assert b"derp_clients_local 20" in text and walked == []
+
+
+def test_a_flood_of_tiny_frames_is_handled_a_pass_at_a_time(relay):
+    a, conn_a, _ = connect(relay)
+    b, conn_b, key_b = connect(relay)
+    count = 3 * FRAMES_PER_PASS + 7
+    a.feed(b"".join(F.send_packet_frame(pub(key_b), b"%d" % i) for i in range(count)))
+    relay.flush()
+    first = conn_b.take(FrameType.RECV_PACKET)
+    assert len(first) == FRAMES_PER_PASS and not conn_a.reading
+    # The rest in later reactor passes (timed calls, so other connections are served between).
+    assert len(relay.clock.getDelayedCalls()) >= 1
+    relay.clock.advance(0)
+    rest = conn_b.take(FrameType.RECV_PACKET)
+    assert [bytes(p[32:]) for _, p in first + rest] == [b"%d" % i for i in range(count)]
+    assert conn_a.reading
+
+
+def test_frames_arriving_while_a_pass_waits_queue_behind(relay):
+    a, conn_a, _ = connect(relay)
+    b, conn_b, key_b = connect(relay)
+    frames = [F.send_packet_frame(pub(key_b), b"%d" % i) for i in range(FRAMES_PER_PASS + 10)]
+    a.feed(b"".join(frames[:FRAMES_PER_PASS + 5]))
+    a.feed(b"".join(frames[FRAMES_PER_PASS + 5:]))  # decrypted before the pause took effect
+    relay.flush()
+    assert len(conn_b.take(FrameType.RECV_PACKET)) == FRAMES_PER_PASS
+    relay.clock.advance(0)
+    assert [bytes(p[32:]) for _, p in conn_b.take(FrameType.RECV_PACKET)] == [
+        b"%d" % i for i in range(FRAMES_PER_PASS, FRAMES_PER_PASS + 10)]
+
+
+def test_client_info_over_the_handshake_budget_is_refused(relay):
+    conn = MemConn()
+    peer = Peer(relay, conn, ("192.0.2.1", 4242))
+    peer.start()
+    peer.feed(F.pack_header(FrameType.CLIENT_INFO, HANDSHAKE_CLIENT_INFO_MAX + 1))
+    assert conn.aborted
+    assert relay.stats.handshake_failures == 1
+
+
+def test_client_info_trickled_a_byte_at_a_time(relay):
+    key = PrivateKey.generate()
+    conn = MemConn()
+    peer = Peer(relay, conn, ("192.0.2.1", 4242))
+    peer.start()
+    info = client_info_frame(key, relay.public_key, {"version": 2})
+    for i in range(len(info)):
+        peer.feed(info[i : i + 1])
+    relay.flush()
+    assert [t for t, _ in conn.frames] == [FrameType.SERVER_KEY, FrameType.SERVER_INFO]

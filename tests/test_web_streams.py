@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
@@ -20,18 +22,20 @@ from derpbox.protocol.websocket import (
     encode_frame,
     encode_masked_binary,
 )
-from derpbox.relay.peer import Peer
-from derpbox.web.streams import WS_CHUNK, DERPStream, WebSocketStream
+from derpbox.relay.peer import ACTIVE, HANDSHAKE, Peer
+from derpbox.web.streams import WS_CHUNK, WS_FRAMES_PER_PASS, WS_HANDSHAKE_BUDGET, DERPStream, WebSocketStream
 
 from .test_server import relay_roundtrip, wait_for
 
 
 class FakePeer:
-    def __init__(self):
+    def __init__(self, state=ACTIVE):
         self.fed = []
         self.failed = None
         self.lost = False
         self.paused = False  # the transport's buffer is full: the client does not read
+        self.state = state
+        self.relay = SimpleNamespace(clock=Clock())
 
     def feed(self, data):
         self.fed.append(data)
@@ -96,7 +100,8 @@ def test_websocket_stream_feeds_binary_messages_to_the_peer():
     peer = FakePeer()
     receive = stream.attach(peer)
     receive(encode_masked_binary(b"frame one") + encode_masked_binary(b"frame two"))
-    assert peer.fed == [b"frame one", b"frame two"]
+    # The DERP bytes of all the frames one read brought, in one piece.
+    assert peer.fed == [b"frame oneframe two"]
 
 
 def test_websocket_stream_answers_ping_and_close():
@@ -120,7 +125,10 @@ def test_pings_get_one_pong_per_read_and_none_while_the_client_does_not_read():
     mask = b"\x01\x02\x03\x04"
     receive(b"".join(encode_frame(Opcode.PING, b"%d" % i, mask=mask) for i in range(1000)))
     [pong] = server_messages(transport.value())
-    assert isinstance(pong, Pong) and pong.payload == b"999"
+    # One pass decodes WS_FRAMES_PER_PASS frames; the rest wait for the next pass.
+    assert isinstance(pong, Pong) and pong.payload == b"%d" % (WS_FRAMES_PER_PASS - 1)
+    peer.relay.clock.advance(0)
+    assert [p.payload for p in server_messages(transport.value())] == [pong.payload, b"999"]
     peer.paused = True
     before = transport.value()
     receive(b"".join(encode_frame(Opcode.PING, b"x" * 125, mask=mask) for i in range(1000)))
@@ -188,3 +196,51 @@ def test_a_head_timeout_is_counted_and_closes_the_connection():
     assert relay.stats.head_timeouts == 1
     conn.connectionLost(Failure(ConnectionDone()))
     assert tls_stats.handshake_failures == {"timeout": 1, "tls_error": 0, "closed": 0}  # it never got further
+
+
+class PausableTransport(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.reading = True
+
+    def pauseProducing(self):
+        self.reading = False
+
+    def resumeProducing(self):
+        self.reading = True
+
+
+def test_a_flood_of_tiny_frames_is_decoded_a_pass_at_a_time():
+    transport = PausableTransport()
+    stream = WebSocketStream(transport)
+    peer = FakePeer()
+    receive = stream.attach(peer)
+    mask = b"\x01\x02\x03\x04"
+    receive(b"".join(encode_frame(Opcode.BINARY, bytes([i % 256]), mask=mask) for i in range(2000)))
+    assert peer.fed == [bytes(i % 256 for i in range(WS_FRAMES_PER_PASS))] and not transport.reading
+    # Each further pass is a timed call: the reactor serves other connections in between.
+    assert len(peer.relay.clock.getDelayedCalls()) == 1
+    peer.relay.clock.advance(0)
+    assert [len(piece) for piece in peer.fed] == [512, 512, 512, 464] and transport.reading
+    assert b"".join(peer.fed) == bytes(i % 256 for i in range(2000))
+    # The peer's own pause outlasts the stream's: reading resumes only when both are over.
+    receive(b"".join(encode_frame(Opcode.BINARY, b"x", mask=mask) for _ in range(600)))
+    stream.pause_reading()
+    peer.relay.clock.advance(0)
+    assert not transport.reading
+    stream.resume_reading()
+    assert transport.reading
+
+
+def test_websocket_bytes_before_the_derp_handshake_are_budgeted():
+    transport = PausableTransport()
+    stream = WebSocketStream(transport)
+    peer = FakePeer(state=HANDSHAKE)
+    receive = stream.attach(peer)
+    mask = b"\x01\x02\x03\x04"
+    one_byte_frames = b"".join(encode_frame(Opcode.BINARY, b"\x02", mask=mask) for _ in range(1000))
+    while peer.failed is None:
+        receive(one_byte_frames)
+        peer.relay.clock.advance(0)
+        assert sum(map(len, peer.fed)) < WS_HANDSHAKE_BUDGET
+    assert peer.failed == f"sent over {WS_HANDSHAKE_BUDGET} WebSocket bytes without completing the DERP handshake"

@@ -113,42 +113,77 @@ class FrameReader:
     a memoryview valid until the next call. Lengths are checked against ``bounds``
     as soon as a header arrives, so an oversize frame is refused before any of it
     is buffered. Frames of types not in ``bounds`` are skipped without buffering.
+
+    One call returns at most ``limit`` frames (a caller's work for one turn); the rest
+    stays buffered, ``more`` says so, and ``feed(b"")`` goes on. A frame that arrives
+    in many small pieces is collected in place, not copied again with every piece.
     """
 
-    __slots__ = ("bounds", "_pending", "_skip")
+    __slots__ = ("bounds", "more", "_pending", "_need", "_skip")
 
     def __init__(self, bounds: dict[int, tuple[int, int]]):
         self.bounds = bounds
-        self._pending = b""
+        self.more = False
+        self._pending = bytearray()
+        # How many bytes _pending must hold before parsing can make progress.
+        self._need = 0
         self._skip = 0
 
     @property
     def buffered(self) -> int:
         return len(self._pending)
 
-    def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
+    def hold(self, data: bytes) -> None:
+        """Buffer ``data`` behind what is pending, without parsing (the caller is not ready)."""
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip :]
+            self._skip = 0
+        self._pending += data
+        self.more = True
+
+    def unread(self, frames) -> None:
+        """Put frames this reader returned back in front of what is pending."""
+        self._pending[:0] = b"".join(pack_header(ftype, len(payload)) + payload for ftype, payload in frames)
+        self._need = 0
+        self.more = True
+
+    def feed(self, data: bytes, limit: int = 1 << 30) -> list[tuple[int, memoryview]]:
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
                 return []
             data = data[self._skip :]
             self._skip = 0
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
+        pending = self._pending
+        if pending:
+            if len(pending) + len(data) < self._need:
+                pending += data  # still short of the frame it waits for: no parse, no copy of the rest
+                return []
+            pending += data
+            data = bytes(pending)
+            pending.clear()
+        self.more = False
         view = memoryview(data)
         end = len(data)
         off = 0
         frames = []
         bounds = self.bounds
+        need = HEADER_LEN
         while end - off >= HEADER_LEN:
+            if len(frames) == limit:
+                self.more = True
+                break
             ftype, length = unpack_header_from(data, off)
             limits = bounds.get(ftype)
             body = off + HEADER_LEN
             if limits is None:
                 if body + length > end:
                     self._skip = body + length - end
-                    return frames
+                    off = end
+                    break
                 off = body + length
                 continue
             if not limits[0] <= length <= limits[1]:
@@ -156,11 +191,13 @@ class FrameReader:
                     f"{frame_name(ftype)} frame length {length} outside [{limits[0]}, {limits[1]}]"
                 )
             if body + length > end:
+                need = body + length - off
                 break
             off = body + length
             frames.append((ftype, view[body:off]))
+        self._need = need
         if off < end:
-            self._pending = bytes(view[off:])
+            pending += view[off:]
         return frames
 
 

@@ -156,16 +156,17 @@ def open_server_info(client_private: PrivateKey, server_public: bytes, payload) 
     return info
 
 
-def read_client_info(buf: bytes) -> tuple[memoryview, int] | None:
+def read_client_info(buf: bytes | bytearray, max_length: int = CLIENT_INFO_MAX) -> tuple[memoryview, int] | None:
     """The first frame a client sends: returns (payload, bytes consumed), or None
-    while incomplete. Anything but a well-sized ClientInfo is a HandshakeError."""
+    while incomplete. Anything but a ClientInfo of CLIENT_INFO_MIN..max_length bytes
+    is a HandshakeError."""
     if len(buf) < HEADER_LEN:
         return None
     ftype, length = unpack_header_from(buf, 0)
     if ftype != FrameType.CLIENT_INFO:
         raise HandshakeError(f"first frame is {frame_name(ftype)}, expected CLIENT_INFO")
-    if not CLIENT_INFO_MIN <= length <= CLIENT_INFO_MAX:
-        raise HandshakeError(f"CLIENT_INFO length {length} outside [{CLIENT_INFO_MIN}, {CLIENT_INFO_MAX}]")
+    if not CLIENT_INFO_MIN <= length <= max_length:
+        raise HandshakeError(f"CLIENT_INFO length {length} outside [{CLIENT_INFO_MIN}, {max_length}]")
     end = HEADER_LEN + length
     if len(buf) < end:
         return None

@@ -164,11 +164,17 @@ class WebSocketDecoder:
     `client=True` expects the unmasked frames a server sends.
 
     After a Close event further input is ignored; after a WebSocketError, feed re-raises it.
+
+    One ``feed`` parses at most ``frames_per_feed`` frame headers; when it stops for that,
+    ``more`` is true and ``feed(b"")`` goes on where it stopped (the caller's next turn).
     """
 
-    def __init__(self, *, client: bool = False, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+    def __init__(self, *, client: bool = False, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 frames_per_feed: int = 0):
         self._expect_masked = not client
         self._max_frame_size = max_frame_size
+        self._frames_per_feed = frames_per_feed  # 0: no limit
+        self.more = False
         self._buf = bytearray()
         self._in_message = False  # a fragmented binary message awaits continuations
         # Inside a data frame's payload: bytes still to come, its mask (rotated to the next
@@ -199,6 +205,8 @@ class WebSocketDecoder:
     def _parse(self, events: list[Event]) -> int:
         buf = self._buf
         pos = 0
+        budget = self._frames_per_feed or -1
+        self.more = False
         while not self._closed:
             if self._remaining:
                 pos = self._payload(buf, pos, events)
@@ -207,6 +215,10 @@ class WebSocketDecoder:
                 continue
             if len(buf) - pos < 2:
                 break
+            if not budget:
+                self.more = True
+                break
+            budget -= 1
             b0, b1 = buf[pos], buf[pos + 1]
             # Judge the header from its first two bytes, before buffering anything more.
             self._check_header(b0, b1)

@@ -51,6 +51,12 @@ _CLOSE_PEER = FrameType.CLOSE_PEER
 HANDSHAKE, ADMITTING, ACTIVE, CLOSED = "handshake", "admitting", "active", "closed"
 # What a client may send while its admission is pending before it is cut off.
 MAX_HELD = 1 << 20
+# DERP frames handled for one connection per reactor pass. A 256 KiB read of real packets
+# is about 200 frames; a flood of tiny frames waits for the next pass, after everyone else.
+FRAMES_PER_PASS = 512
+# The largest ClientInfo accepted: a real one is a few hundred bytes (derper allows 256 KiB,
+# which would let a client that never finishes its handshake hold that much).
+HANDSHAKE_CLIENT_INFO_MAX = 16 << 10
 
 
 class Conn(Protocol):
@@ -89,7 +95,8 @@ class Peer:
         "heard_from",
         "mesh_updates",
         "bucket",
-        "_backlog",
+        "_waiting",
+        "_first_paid",
         "_handshake_buf",
         "_held",
         "_reader",
@@ -97,7 +104,7 @@ class Peer:
         "_not_here_at",
         "_timer",
         "_write_timer",
-        "_rate_timer",
+        "_go_on_timer",
     )
 
     def __init__(self, relay: Relay, conn: Conn, remote: tuple[str, int], *, not_ideal: bool = False):
@@ -131,10 +138,12 @@ class Peer:
         self.heard_from = None
         # PeerPresent/PeerGone frames queued for this watcher since its last write.
         self.mesh_updates = 0
-        # The receive rate limit's bucket (derpbox.relay.receive_limit), None when unlimited,
-        # and the frames read while the limit holds reading paused.
+        # The receive rate limit's bucket (derpbox.relay.receive_limit), None when unlimited.
         self.bucket = None
-        self._backlog = None
+        # Reading paused by this peer (its pass budget spent, or the rate limit), with frames
+        # left in the reader; _first_paid: the first of them was charged to the bucket already.
+        self._waiting = False
+        self._first_paid = False
         self._handshake_buf = b""
         self._held = b""
         self._reader = None
@@ -142,7 +151,7 @@ class Peer:
         self._not_here_at = 0.0
         self._timer = None
         self._write_timer = None
-        self._rate_timer = None
+        self._go_on_timer = None
 
     def __repr__(self):
         key = self.key.hex()[:8] if self.key else "?"
@@ -193,7 +202,6 @@ class Peer:
         self.state = CLOSED
         self._cancel_timers()
         self._held = b""
-        self._backlog = None
         if was_active:
             # Strings, not the peer: a log buffer must not keep a closed connection alive.
             log.debug("{who} disconnected after {duration:.1f} s, {bytes_in} bytes in, {bytes_out} out: {reason}",
@@ -203,10 +211,10 @@ class Peer:
             self.relay.flush()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._timer, self._write_timer, self._rate_timer):
+        for timer in (self._timer, self._write_timer, self._go_on_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._write_timer = self._rate_timer = None
+        self._timer = self._write_timer = self._go_on_timer = None
 
     # -- input -----------------------------------------------------------
 
@@ -220,17 +228,28 @@ class Peer:
             if self.state == ADMITTING:
                 self._hold(data)
             return
+        if self._waiting:
+            # Reading is paused, but a TLS layer may still hand over what it already decrypted.
+            self._reader.hold(data)
+            return
+        self._read(data)
+
+    def _read(self, data: bytes) -> None:
+        reader = self._reader
         try:
-            frames = self._reader.feed(data)
+            frames = reader.feed(data, FRAMES_PER_PASS)
         except FrameError as e:
             self.fail(str(e))
             return
         relay = self.relay
         relay.note_activity(self)
-        if self.bucket is not None or self._backlog is not None:
+        if self.bucket is not None:
             frames = self._within_rate(frames)
         self._dispatch(frames)
         relay.flush()
+        if reader.more and not self._waiting and self.state == ACTIVE:
+            # More frames than one pass handles: the rest after everyone else's turn.
+            self._wait(0.0)
 
     def _dispatch(self, frames) -> None:
         relay = self.relay
@@ -253,44 +272,51 @@ class Peer:
 
     def _within_rate(self, frames):
         """The frames the receive rate limit lets through now. At the first frame that
-        overdraws the bucket, reading pauses: that frame and the rest wait (copied, as
-        the views die with this read) until the debt is paid, as derper waits before
-        reading a frame's body."""
-        backlog = self._backlog
-        if backlog is not None:
-            # Still waiting: what a TLS layer decrypted before the pause queues behind.
-            backlog.extend(_kept(frames))
-            return ()
+        overdraws the bucket, that frame and the rest go back to the reader and reading
+        pauses until the debt is paid, as derper waits before reading a frame's body."""
         bucket = self.bucket
-        if bucket is None:
-            return frames
         now = self.relay.clock.seconds()
-        for i, (_, payload) in enumerate(frames):
-            wait = bucket.take(len(payload), now)
+        first = 1 if self._first_paid else 0
+        self._first_paid = False
+        for i in range(first, len(frames)):
+            wait = bucket.take(len(frames[i][1]), now)
             if wait:
-                self._backlog = _kept(frames[i:])
+                self._reader.unread(frames[i:])
+                self._first_paid = True
                 self.relay.rate_limits.waited += 1
-                self.conn.pause_reading()
-                self._rate_timer = self.relay.clock.callLater(wait, self._rate_paid)
+                self._wait(wait)
                 return frames[:i]
         return frames
 
-    def _rate_paid(self) -> None:
-        self._rate_timer = None
-        (first, *rest), self._backlog = self._backlog, None
-        # The first frame was charged when it overdrew the bucket.
-        frames = [first, *self._within_rate(rest)]
-        self._dispatch(frames)
-        self.relay.flush()
-        if self._backlog is None and self.state == ACTIVE:
+    def set_bucket(self, bucket) -> None:
+        """A new receive rate limit (or none): a new, full bucket, owed nothing."""
+        self.bucket = bucket
+        self._first_paid = False
+
+    def _wait(self, delay: float) -> None:
+        self._waiting = True
+        self.conn.pause_reading()
+        self._go_on_timer = self.relay.clock.callLater(delay, self._go_on)
+
+    def _go_on(self) -> None:
+        self._go_on_timer = None
+        self._waiting = False
+        self._read(b"")
+        if not self._waiting and self.state == ACTIVE:
             self.conn.resume_reading()
 
     def _feed_handshake(self, data: bytes) -> bytes:
-        buf = self._handshake_buf + data if self._handshake_buf else data
+        if self._handshake_buf:
+            # Collected in place: a ClientInfo trickled in tiny pieces costs no copying per piece.
+            self._handshake_buf += data
+            buf = self._handshake_buf
+        else:
+            buf = data
         try:
-            got = read_client_info(buf)
+            got = read_client_info(buf, HANDSHAKE_CLIENT_INFO_MAX)
             if got is None:
-                self._handshake_buf = bytes(buf)
+                if buf is data:
+                    self._handshake_buf = bytearray(data)
                 return b""
             payload, used = got
             info, box = self.relay.handshake.open_client_info(payload)
@@ -302,7 +328,7 @@ class Peer:
         self.info = info
         self.is_mesh = self.relay.is_mesh_key(info.mesh_key)
         self.is_worker = self.relay.is_worker_key(info.mesh_key)
-        rest = buf[used:]
+        rest = bytes(buf[used:])
         # A valid mesh key admits and skips every check (spec 1.4, step 5).
         pending = self.relay.admission_check(self.key, self.remote[0], info.mesh_key)
         if pending is None:
@@ -341,7 +367,7 @@ class Peer:
         self.relay.register(self)
         limits = self.relay.rate_limits
         if limits is not None and not self.is_mesh:
-            self.bucket = limits.new_bucket(self.connected_at)
+            self.set_bucket(limits.new_bucket(self.connected_at))
         log.debug("{who} connected{kind}", who=self.describe(),
                   kind=" (another worker)" if self.is_worker else " (mesh peer)" if self.is_mesh else "")
         self.conn.write(self.relay.handshake.server_info_frame(box))
@@ -522,7 +548,3 @@ class Peer:
         self.relay.stats.sclient_write_timeouts += 1
         self.fail(f"write blocked for {self.relay.write_timeout_for(self):g} s")
 
-
-def _kept(frames) -> list:
-    """Frames copied out of the read they came in, as the same (type, memoryview) pairs."""
-    return [(ftype, memoryview(bytes(payload))) for ftype, payload in frames]

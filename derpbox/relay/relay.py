@@ -120,7 +120,7 @@ class Relay:
         now = self.clock.seconds()
         for peer in self.peers():
             if not peer.is_mesh:
-                peer.bucket = self.rate_limits.new_bucket(now)
+                peer.set_bucket(self.rate_limits.new_bucket(now))
 
     def write_timeout_for(self, peer: Peer) -> float:
         return MESH_WRITE_TIMEOUT if peer.is_mesh else self.write_timeout

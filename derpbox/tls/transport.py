@@ -10,7 +10,9 @@ nothing is queued before them (``derpbox.sendnow``).
 
 On the way in, Twisted calls the protocol once per TLS record, and Go's client seals one
 record per packet: the relay would parse, route and flush once per packet. Here the
-records that one socket read brought are decrypted first and delivered together.
+records that one socket read brought are decrypted first and delivered together, at
+most ``RECORDS_PER_PASS`` of them in one reactor pass: a client sending 1-byte records
+gets its socket paused and the rest decrypted in the next pass, after everyone else.
 """
 
 from __future__ import annotations
@@ -26,14 +28,35 @@ from ..sendnow import write_now
 SEND_CHUNK = 1 << 17
 # What one SSL_read may return: a record's plaintext is at most 16 KiB.
 RECV_CHUNK = 1 << 15
+# Records decrypted for one connection per reactor pass. A 256 KiB read of real packets is
+# at most about 200 records; of 1-byte records, over 10,000 (about 1.5 us of CPU each).
+RECORDS_PER_PASS = 256
 
 
 class SendNowTLS(TLSMemoryBIOProtocol):
+    # Reading the socket stops for either of two reasons: the application asked (flow
+    # control, admission, a rate limit) or this connection spent its records for the pass.
+    _app_paused = False
+    _budget_call = None
+
+    def pauseProducing(self) -> None:
+        """The application's read pause (Twisted would pass it straight to the socket)."""
+        self._app_paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._app_paused = False
+        if self._budget_call is None:
+            self.transport.resumeProducing()
+
     def _flushReceiveBIO(self) -> None:
         # Twisted's loop over SSL_read, delivering once at the end instead of per record;
         # its handling of a TLS shutdown and of errors is kept, after what came before them.
         chunks: list[bytes] = []
         while not self._lostTLSConnection:
+            if len(chunks) == RECORDS_PER_PASS:
+                self._next_pass()
+                break
             try:
                 chunks.append(self._tlsConnection.recv(RECV_CHUNK))
             except WantReadError:
@@ -47,6 +70,26 @@ class SendNowTLS(TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(Failure())
         self._deliver(chunks)
         self._flushSendBIO()
+
+    def _next_pass(self) -> None:
+        """Decrypt the rest in the next reactor pass, with the socket paused meanwhile."""
+        if self._budget_call is None:
+            self.transport.pauseProducing()
+            self._budget_call = self.factory.clock.callLater(0, self._budget_renewed)
+
+    def _budget_renewed(self) -> None:
+        self._budget_call = None
+        if self._lostTLSConnection or self._aborted:
+            return
+        self._flushReceiveBIO()
+        if self._budget_call is None and not self._app_paused:
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason) -> None:
+        if self._budget_call is not None and self._budget_call.active():
+            self._budget_call.cancel()
+        self._budget_call = None
+        super().connectionLost(reason)
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and not self._aborted:
@@ -63,7 +106,9 @@ class SendNowTLS(TLSMemoryBIOProtocol):
         write_now(self.transport, data)
 
 
-def server_tls_factory(options, wrapped_factory) -> TLSMemoryBIOFactory:
-    factory = TLSMemoryBIOFactory(options, False, wrapped_factory)
+def server_tls_factory(options, wrapped_factory, clock) -> TLSMemoryBIOFactory:
+    factory = TLSMemoryBIOFactory(options, False, wrapped_factory, clock)
     factory.protocol = SendNowTLS
+    # Schedules a connection's next pass when it spent its records for this one.
+    factory.clock = clock
     return factory

@@ -20,29 +20,39 @@ from ..protocol.websocket import (
     encode_close,
     encode_pong,
 )
-from ..relay.peer import Peer
+from ..relay.peer import CLOSED, HANDSHAKE, Peer
 
 __all__ = ["DERPStream", "WebSocketStream", "WS_CHUNK"]
 
 # Browsers accept any size, but small messages keep every WebSocket reader happy.
 WS_CHUNK = 32 << 10
+# WebSocket frames decoded for one connection per reactor pass: a real client sends one
+# frame per DERP write; a flood of 1-byte frames waits its turn after everyone else.
+WS_FRAMES_PER_PASS = 512
+# WebSocket bytes a client may send before its ClientInfo is complete (ClientInfo is a
+# few hundred bytes; this allows it in 1-byte frames many times over).
+WS_HANDSHAKE_BUDGET = 64 << 10
 
 
 class _Stream:
     """What both stream kinds do the same way: abort, flow control, orderly close."""
 
-    __slots__ = ("transport",)
+    __slots__ = ("transport", "peer_paused")
 
     def __init__(self, transport):
         self.transport = transport
+        # The peer's own read pause (admission pending, rate limit, its frame budget).
+        self.peer_paused = False
 
     def abort(self) -> None:
         self.transport.abortConnection()
 
     def pause_reading(self) -> None:
+        self.peer_paused = True
         self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
+        self.peer_paused = False
         self.transport.resumeProducing()
 
     def close(self) -> None:
@@ -72,12 +82,14 @@ class DERPStream(_Stream):
 class WebSocketStream(_Stream):
     """DERP frames in binary WebSocket messages (the "derp" subprotocol)."""
 
-    __slots__ = ("_decoder", "_peer")
+    __slots__ = ("_decoder", "_peer", "_before_handshake", "_next_pass")
 
     def __init__(self, transport):
         super().__init__(transport)
-        self._decoder = WebSocketDecoder()
+        self._decoder = WebSocketDecoder(frames_per_feed=WS_FRAMES_PER_PASS)
         self._peer: Peer | None = None
+        self._before_handshake = 0
+        self._next_pass = None
 
     def attach(self, peer: Peer) -> Callable[[bytes], None]:
         self._peer = peer
@@ -86,6 +98,14 @@ class WebSocketStream(_Stream):
     def detach(self) -> None:
         # The peer holds this stream as its conn: a cycle refcounting alone cannot free.
         self._peer = None
+        if self._next_pass is not None and self._next_pass.active():
+            self._next_pass.cancel()
+        self._next_pass = None
+
+    def resume_reading(self) -> None:
+        self.peer_paused = False
+        if self._next_pass is None:
+            self.transport.resumeProducing()
 
     def write(self, data: bytes) -> None:
         write = self.transport.write
@@ -98,6 +118,11 @@ class WebSocketStream(_Stream):
 
     def data_received(self, data: bytes) -> None:
         peer = self._peer
+        if peer.state == HANDSHAKE:
+            self._before_handshake += len(data)
+            if self._before_handshake > WS_HANDSHAKE_BUDGET:
+                peer.fail(f"sent over {WS_HANDSHAKE_BUDGET} WebSocket bytes without completing the DERP handshake")
+                return
         try:
             events = self._decoder.feed(data)
         except WebSocketError as e:
@@ -106,17 +131,38 @@ class WebSocketStream(_Stream):
             peer.fail(f"WebSocket error {e.code}: {e.reason}")
             return
         ping = None
+        # The DERP bytes of every data frame in this read, handed over in one piece.
+        stream: list = []
         for event in events:
             if isinstance(event, BinaryData):
-                peer.feed(event.data)
+                stream.append(event.data)
             elif isinstance(event, Ping):
                 ping = event
             elif isinstance(event, Close):
+                self._feed(peer, stream)
                 self._pong(ping, peer)
                 self.close()
                 peer.connection_lost("WebSocket closed by the client")
                 return
+        self._feed(peer, stream)
         self._pong(ping, peer)
+        if self._decoder.more and peer.state != CLOSED and self._next_pass is None:
+            # This read held more frames than one pass decodes: the rest after the others.
+            self.transport.pauseProducing()
+            self._next_pass = peer.relay.clock.callLater(0, self._go_on)
+
+    @staticmethod
+    def _feed(peer: Peer, stream: list) -> None:
+        if stream:
+            peer.feed(stream[0] if len(stream) == 1 else b"".join(stream))
+
+    def _go_on(self) -> None:
+        self._next_pass = None
+        if self._peer is None:
+            return
+        self.data_received(b"")
+        if self._next_pass is None and not self.peer_paused and self._peer is not None:
+            self.transport.resumeProducing()
 
     def _pong(self, ping: Ping | None, peer: Peer) -> None:
         # One pong per read, answering the latest ping (RFC 6455 5.5.3 allows that), and none
