@@ -43,6 +43,11 @@ log = Logger()
 HEAD_TIMEOUT = 30.0
 GO_DEFAULT_KEEPALIVE = 15.0
 TRANSPORT_BUFFER = 256 << 10
+# What one send() may take (Twisted: 128 KiB, also for a write that finds the socket idle).
+# Above what one read can relay to one receiver plus what waits already, so a receiver that
+# keeps up gets a pass's packets in that pass and never falls behind because the reactor
+# is busy with others (issue: healthy receivers paused by other clients' load).
+SEND_LIMIT = 4 << 20
 
 
 def tcp_transport(transport):
@@ -261,6 +266,7 @@ class FrontFactory(Factory):
         # has even tried the socket; one 64 KiB read can relay that much to a single
         # receiver, so the default would pause (and drop) on a healthy connection.
         tcp.bufferSize = TRANSPORT_BUFFER
+        tcp.SEND_LIMIT = SEND_LIMIT
         sock = tcp.socket
         if sock.family == socket.AF_UNIX:
             # A worker's internal mesh socket (derpbox.workers): no TCP options to set.
