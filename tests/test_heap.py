@@ -9,6 +9,7 @@ import collections
 import gc
 import socket
 import ssl
+import struct
 import weakref
 
 import pytest_twisted
@@ -16,7 +17,10 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from derpbox.client import DERPClient
 from derpbox.heap import freeze_young
+
+from .support import wait_for
 
 
 class Node:
@@ -73,3 +77,42 @@ def test_connection_churn_leaves_no_frozen_garbage(start_server):
         gc.garbage.clear()
         gc.unfreeze()
     assert left["Failure"] == left["SendNowTLS"] == 0, left.most_common(8)
+
+
+def close_in_three_ways(clients) -> None:
+    """A clean close, a reset, and a TLS record that fails its check, a third each."""
+    for i, client in enumerate(clients):
+        raw = client.stream.sock
+        if i % 3 == 1:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+        elif i % 3 == 2:
+            raw.sendall(bytes([23, 3, 3, 0, 40]) + bytes(40))
+            raw.close()
+        else:
+            client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_long_lived_connections_leave_no_cycles_when_they_close(start_server):
+    """Frozen connections (long-lived, as after derpbox.heap's freezes) are freed by reference
+    counting when they close, however they close: nothing of them waits for a full collection."""
+    server = yield start_server()
+    clients = yield deferToThread(lambda: [DERPClient.connect(server.url) for _ in range(30)])
+    yield wait_for(lambda: server.stats.current_connections == 30)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield deferToThread(close_in_three_ways, clients)
+        yield wait_for(lambda: server.stats.current_connections == 0 and not server.service.front.open_connections)
+        yield deferLater(reactor, 0.2, lambda: None)  # let the last closes finish
+        gc.unfreeze()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.unfreeze()
+    kinds = ("Peer", "SendNowTLS", "FrontConnection", "Server", "Connection", "Failure", "DERPStream")
+    assert not [kind for kind in kinds if left[kind]], left.most_common(10)
