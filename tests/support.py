@@ -4,6 +4,7 @@ child process's log until a line appears."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -74,20 +75,24 @@ def expect_closed(port, payload: bytes, *, upgrade=True, tls=False) -> bytes:
 
 
 def read_until_line(stream, text: str, timeout: float = 15.0) -> list[str]:
-    """Lines read from a child's text pipe up to and including the first holding ``text``."""
-    lines = []
+    """Lines read from a child's pipe up to the first holding ``text`` (and any that came in
+    the same read). Read from the file descriptor itself: a buffered ``readline`` after
+    ``select`` can leave the awaited line in Python's buffer while select waits for more."""
+    fd = stream.fileno()
+    data = b""
     deadline = time.monotonic() + timeout
     while True:
+        lines = data.decode(errors="replace").splitlines(keepends=True)
+        if any(text in line for line in lines):
+            return lines
         left = deadline - time.monotonic()
         assert left > 0, f"no line with {text!r} in time; got {lines}"
-        ready, _, _ = select.select([stream], [], [], left)
+        ready, _, _ = select.select([fd], [], [], left)
         if not ready:
             continue
-        line = stream.readline()
-        assert line, f"the process closed its output before a line with {text!r}; got {lines}"
-        lines.append(line)
-        if text in line:
-            return lines
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the process closed its output before a line with {text!r}; got {lines}"
+        data += chunk
 
 
 def unused_port() -> int:

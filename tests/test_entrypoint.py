@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import pytest
 
 from derpbox import cli
 from derpbox.config import BOOL, ENV_BOOL_FORMS, SETTINGS_TABLE, ConfigError, load_settings
+
+from .support import read_until_line
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "entrypoint.py"
@@ -391,16 +391,7 @@ def test_exec_replaces_the_process_and_sigterm_stops_derpbox(tmp):
     proc = subprocess.Popen([sys.executable, str(ENTRYPOINT)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        seen = ""
-        deadline = time.monotonic() + 30
-        while "listening on" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stderr], [], [], 1)
-            if ready:
-                line = proc.stderr.readline()
-                if not line:
-                    break
-                seen += line
-        assert "listening on" in seen, seen
+        read_until_line(proc.stderr, "listening on", timeout=30)
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1:3] == [b"-m", b"derpbox"]
         proc.send_signal(signal.SIGTERM)
