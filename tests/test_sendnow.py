@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from derpbox.tls.certs import ManualCertificateSource
 from derpbox.tls.context import ServerTLS
+from derpbox.tls.bios import RENEWABLE
 from derpbox.tls.transport import RECORDS_PER_PASS, server_tls_factory
 
 from .certs import make_cert
@@ -28,6 +29,8 @@ class Held(Protocol):
     def handshakeCompleted(self):
         self.factory.connections.append(self)
         self.received = []
+        tls = self.transport._tlsConnection
+        self.handshake_bios = (tls._into_ssl, tls._from_ssl)
 
     def dataReceived(self, data):
         self.received.append(data)
@@ -89,6 +92,11 @@ def test_tls_records_reach_the_socket_in_the_writing_call(tmp_path):
         # Read here, in the reactor's thread: the reactor cannot run until this returns, so
         # what arrives was sent by the write itself, not queued for a later pass.
         assert client.read_exactly(1400) == b"relayed packet" * 100
+        # Once the handshake's output was sent, the memory BIOs it grew were swapped for
+        # fresh ones (derpbox.tls.bios), and everything below still flows both ways.
+        tls = server.transport._tlsConnection
+        assert RENEWABLE and server.transport._bios_renewed
+        assert (tls._into_ssl, tls._from_ssl) != server.handshake_bios
 
         # More than the socket takes at once: the rest is queued and follows, in order.
         big = bytes(range(256)) * (32 << 10)  # 8 MiB

@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ..sendnow import write_now
+from .bios import RENEWABLE, renew_bios
 
 # What one read of OpenSSL's send buffer takes: several full records at once.
 SEND_CHUNK = 1 << 17
@@ -38,6 +39,8 @@ class SendNowTLS(TLSMemoryBIOProtocol):
     # control, admission, a rate limit) or this connection spent its records for the pass.
     _app_paused = False
     _budget_call = None
+    # Whether the handshake's memory BIOs were swapped for fresh ones (derpbox.tls.bios).
+    _bios_renewed = not RENEWABLE
 
     def pauseProducing(self) -> None:
         """The application's read pause (Twisted would pass it straight to the socket)."""
@@ -100,10 +103,13 @@ class SendNowTLS(TLSMemoryBIOProtocol):
     def _flushSendBIO(self) -> None:
         # Twisted's hook between OpenSSL's output buffer and the transport below.
         try:
-            data = self._tlsConnection.bio_read(SEND_CHUNK)
+            write_now(self.transport, self._tlsConnection.bio_read(SEND_CHUNK))
         except WantReadError:
-            return  # nothing to send
-        write_now(self.transport, data)
+            pass  # nothing to send
+        if not self._bios_renewed and self._handshakeDone and not self._lostTLSConnection:
+            # Once the handshake is over and both BIOs are empty (renew_bios checks), give
+            # back what the handshake made them grow to.
+            self._bios_renewed = renew_bios(self._tlsConnection)
 
 
 def server_tls_factory(options, wrapped_factory, clock) -> TLSMemoryBIOFactory:
