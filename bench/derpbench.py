@@ -1,7 +1,8 @@
-"""Drive derpbox and Tailscale's Go DERP server with the same load; report ratios.
+"""Drive derpbox and Tailscale's derper with the same load in one run; report ratios.
 
-See bench/README.md. Everything runs on 127.0.0.1: both servers are started fresh,
-loaded one after the other by the same generator, and stopped at the end.
+See bench/README.md. Everything runs on 127.0.0.1: every run starts the servers fresh
+(pinned to one core), loads them row by row, alternating, with the same generator (on
+the other core), and stops them; idle memory is measured on servers of its own.
 """
 
 from __future__ import annotations
