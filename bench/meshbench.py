@@ -25,8 +25,6 @@ import datetime
 import json
 import os
 import shlex
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,8 +32,8 @@ import time
 from pathlib import Path
 
 import derpbench
-from derpbench import (BENCH_DIR, fmt, free_port, machine_info, median, raise_nofile, report_head, run_load, stop,
-                       wait_listening)
+from derpbench import (BENCH_DIR, default_derper, fmt, free_port, machine_info, median, raise_nofile, report_head,
+                       run_load, server_flags, spread, stop, wait_listening)
 
 sys.path.insert(0, str(BENCH_DIR.parent))
 from tests.certs import make_cert  # noqa: E402  (the repository's own throwaway CA)
@@ -52,8 +50,7 @@ def start_node(kind: str, tmp: Path, certs: Path, ports: list[int], index: int, 
     home.mkdir()
     key_file = tmp / "mesh.key"
     key_file.write_text(MESH_KEY + "\n")
-    common = ["-a", f"127.0.0.1:{port}", "-hostname", "127.0.0.1", "-certmode", "manual", "-certdir", str(certs),
-              "-c", str(home / "derper.key"), "-http-port", "-1", "-stun-port", str(free_port(socket.SOCK_DGRAM))]
+    common = server_flags(port, certs, home / "derper.key")
     if len(ports) > 1:
         common += ["-mesh-psk-file", str(key_file), "-mesh-with", mesh]
     if kind == "derpbox":
@@ -126,10 +123,7 @@ def report(res: dict) -> str:
             row["both_cpu_s_per_Mpkt"] = (row["server_cpu_s_per_Mpkt"] or 0) + (row["receiving_server_cpu_s_per_Mpkt"] or 0)
 
         def cell(key, spec=".2f"):
-            values = [r[key] for r in rows if r.get(key) is not None]
-            if not values:
-                return "-"
-            return f"{statistics.median(values):{spec}} [{min(values):{spec}}-{max(values):{spec}}]"
+            return spread(derpbench.values(rows, key), spec)
 
         lines.append(f"| {config} | {rate} | {cell('delivered_pps', '.0f')} | {cell('loss_pct')} | {cell('p99_ms')} | "
                      f"{cell('server_cpu_s_per_Mpkt')} | {cell('receiving_server_cpu_s_per_Mpkt')} | "
@@ -159,7 +153,7 @@ def main() -> int:
     ap.add_argument("--slice-ms", type=float, default=1)
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration, alternating (default 3)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--derper", default=os.environ.get("DERPER_BIN") or str(BENCH_DIR.parent.parent / "shared" / "goref" / "derper"))
+    ap.add_argument("--derper", default=default_derper())
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     args = ap.parse_args()
     if not os.access(args.derper, os.X_OK):
