@@ -25,6 +25,7 @@ import shlex
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,7 @@ ADMISSION_SLOW = 4.0  # shorter than it
 CLIENT_ERRORS = (OSError, ssl.SSLError, SSL.Error, DERPClientError, ValueError, EOFError)
 LOG_ERROR = re.compile(r"#(error|critical)\]|Traceback|Unhandled")
 LOG_WARN = re.compile(r"#warn\]")
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def source_ip(attack: str, i: int) -> str:
@@ -383,20 +385,12 @@ def fuzz_ws(port, src, rng):
 FUZZ = {"head": fuzz_head, "client-info": fuzz_client_info, "frames": fuzz_frames, "ws-frames": fuzz_ws}
 
 
-def churn_cycle(port, src, rng, reset: bool):
+def churn_cycle(port, src, reset: bool):
     conn, _ = dial(port, PrivateKey.generate(), source_ip=src)
     if reset:
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     conn.sock.close()
     return "done", 0
-
-
-def churn_close(port, src, rng):
-    return churn_cycle(port, src, rng, reset=False)
-
-
-def churn_reset(port, src, rng):
-    return churn_cycle(port, src, rng, reset=True)
 
 
 def admitted(port, mode: str):
@@ -412,7 +406,8 @@ def admitted(port, mode: str):
 CASES = {
     "malformed": list(MALFORMED.items()),
     "fuzz": list(FUZZ.items()),
-    "churn": [("close", churn_close)] * 3 + [("reset", churn_reset)],
+    "churn": [("close", lambda port, src, rng: churn_cycle(port, src, False))] * 3
+    + [("reset", lambda port, src, rng: churn_cycle(port, src, True))],
     "admission": [(mode, lambda port, src, rng, mode=mode: admitted(port, mode)) for mode in ADMISSION_MODES],
 }
 
@@ -637,7 +632,7 @@ def admission_conn(sock: socket.socket) -> None:
                 time.sleep(ADMISSION_STALL)
                 return
             if mode == "reset":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 return
             if mode == "slow-allow":
                 time.sleep(ADMISSION_SLOW)
@@ -818,7 +813,8 @@ class Soak:
         results = {}
         for mode, proc in procs.items():
             out, _ = proc.communicate(timeout=self.args.hold + 60)
-            results[mode] = json.loads(out.splitlines()[-1]) if proc.returncode == 0 and out else {"exit": proc.returncode}
+            ok = proc.returncode == 0 and out
+            results[mode] = json.loads(out.splitlines()[-1]) if ok else {"exit": proc.returncode}
         return {"connections": len(procs), "planned": len(procs),
                 "closed_by_server": sum(bool(r.get("closed")) for r in results.values()),
                 "bytes_sent": sum(r.get("sent", 0) for r in results.values()), "by_variant": results}
@@ -840,7 +836,8 @@ class Soak:
         exit_s = time.monotonic() - sent_at
         flood = self.expect(pipe, proc, 60)
         proc.join(10)
-        return {**self.held(opened, self.release(holders), flood=flood, exit_code=code, seconds_to_exit=round(exit_s, 2)),
+        closed = self.release(holders)
+        return {**self.held(opened, closed, flood=flood, exit_code=code, seconds_to_exit=round(exit_s, 2)),
                 "bytes_sent": flood["bytes"]}
 
     def run(self, attack: str) -> dict:
@@ -882,7 +879,8 @@ class Soak:
             "log": {"lines": len(log), "warn": sum(bool(LOG_WARN.search(x)) for x in log),
                     "error": sum(bool(LOG_ERROR.search(x)) for x in log),
                     "first_errors": [x[:300] for x in log if LOG_ERROR.search(x)][:5],
-                    "first_warnings": sorted({x[26:300] for x in log if LOG_WARN.search(x)})[:5]},
+                    "first_warnings": sorted({x.split(" ", 1)[-1][:300]  # without the timestamp: one per kind
+                                              for x in log if LOG_WARN.search(x)})[:5]},
         }
 
 
@@ -909,14 +907,16 @@ def report(res: dict) -> str:
     out += [f"- scale: {res['scale']} (full scale = 1), hold {res['hold']} s, settle {res['settle']} s, "
             f"flood {res['flood_pps']} packets/s, seed {res['seed']}",
             f"- server: `{shlex.join(res['server_cmd'])}`, fd limit (soft/hard) {res['nofile']}",
-            f"- admission controller: {'the bench own (every client of the run is checked)' if res['admission'] else 'none'}",
+            "- admission controller: " + ("the bench's own (every client of the run is checked)" if res["admission"]
+                                          else "none"),
             "", "Steady pair: one 4-byte packet at a time between two clients on the same server, every 2 ms, "
             f"each waited for up to {PAIR_LOSS_WAIT:g} s (else lost); round trip = send to receipt. RSS/fds: "
             "before the attack; loaded (once, with the attack at full strength: held, trickling and flooding "
             "attacks); the highest seen in 1 s samples; right after the attack; settled (no clients left, then "
             "--settle s). srv CPU and counters moved: from before to settled (to loaded for sigterm). "
             "See bench/README.md.", "",
-            "| attack | count | s | conns | closed by server | bytes sent | pair sent | lost | p50 ms | p99 ms | max ms "
+            "| attack | count | s | conns | closed by server | bytes sent | pair sent | lost | p50 ms | p99 ms "
+            "| max ms "
             "| RSS MiB before / loaded / highest / after / settled | fds before / loaded / highest / after / settled "
             "| srv CPU s | log warn/error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -926,7 +926,10 @@ def report(res: dict) -> str:
             f"| {r['attack']} | {r['count']} | {r['duration_s']} | {a['connections']} | {a['closed_by_server']} "
             f"| {a['bytes_sent']} | {p['sent']} | {p['lost']} | {fmt(p['p50_ms'], '.2f')} | {fmt(p['p99_ms'], '.2f')} "
             f"| {fmt(p['max_ms'], '.1f')} | {' / '.join(mib(s.get(k)) for k in SAMPLES)} "
-            f"| {' / '.join(fds(s.get(k)) for k in SAMPLES)} | {r['server_cpu_s']} | {r['log']['warn']}/{r['log']['error']} |")
+            f"| {' / '.join(fds(s.get(k)) for k in SAMPLES)} | {r['server_cpu_s']} "
+            f"| {r['log']['warn']}/{r['log']['error']} |")
+    if res.get("failed"):
+        out += ["", f"**The run stopped early**: {res['failed']}"]
     for r in res["attacks"]:
         a = r["result"]
         out += ["", f"## {r['attack']}", "", r["description"] + ".", ""]
@@ -938,7 +941,8 @@ def report(res: dict) -> str:
             out.append(f"- pair: {r['pair']['late']} late packets, error {r['pair']['error']}")
         for name, v in a.get("by_variant", {}).items():
             out.append(f"- {name}: {json.dumps(v)}")
-        out += ["", "| counter | before | after | change |", "|---|---|---|---|"]
+        out += ["", f"| counter | before | {'loaded' if r['attack'] == 'sigterm' else 'settled'} | change |",
+                "|---|---|---|---|"]
         out += [f"| {k} | {number(b)} | {number(x)} | {'+' if x >= b else ''}{number(x - b)} |"
                 for k, (b, x) in r["counters_moved"].items()]
         log = r["log"]
@@ -992,13 +996,20 @@ def main() -> int:
         try:
             for attack in attacks:
                 print(f"{attack}: {soak.count(attack)} ...", file=sys.stderr, flush=True)
-                row = soak.run(attack)
+                try:
+                    row = soak.run(attack)
+                except Exception as e:  # noqa: BLE001 - the attacks done so far are still worth a report
+                    res["failed"] = f"{attack}: {e!r}"
+                    print(f"{attack} failed: {e!r}", file=sys.stderr, flush=True)
+                    break
                 res["attacks"].append(row)
                 p, a = row["pair"], row["result"]
                 print(f"{attack}: {row['duration_s']} s, {a['connections']} conns, {a['closed_by_server']} closed "
                       f"by server; pair lost {p['lost']} of {p['sent']}, p99 {fmt(p['p99_ms'], '.2f')} ms",
                       file=sys.stderr, flush=True)
         finally:
+            if attacks[-1:] != ["sigterm"] and server["proc"].poll() is not None:
+                res["failed"] = res.get("failed", "") + f" (the server exited with {server['proc'].returncode})"
             stop(server)
             if admission is not None:
                 admission[1].send("stop")
