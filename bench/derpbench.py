@@ -94,20 +94,25 @@ class TLSConn:
         parts = []
         while True:
             try:
-                parts.append(self.tls.read(MAX_RECORD))
+                part = self.tls.read(MAX_RECORD)
             except ssl.SSLWantReadError:
                 self.records += len(parts)
                 return b"".join(parts)
+            if not part:  # the server's close_notify
+                raise ConnectionError("closed by the server (TLS close_notify)")
+            parts.append(part)
 
     def close(self) -> None:
         self.sock.close()
 
 
-def dial(port: int, key: PrivateKey, source_port: int = 0) -> tuple[TLSConn, FrameReader]:
+def dial(port: int, key: PrivateKey, source_port: int = 0, source_ip: str = "127.0.0.1",
+         rewrite_client_info=None) -> tuple[TLSConn, FrameReader]:
     """A handshaken DERP connection and its reader (which may hold buffered bytes); from
-    ``source_port`` if given (workerbench places connections on workers by their 4-tuple)."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                   source_address=("127.0.0.1", source_port) if source_port else None)
+    ``source_port`` if given (workerbench places connections on workers by their 4-tuple)
+    and ``source_ip`` (attacksoak spreads connections over loopback addresses).
+    ``rewrite_client_info`` maps the ClientInfo frame to the bytes sent instead (attacksoak's fuzzing)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source_ip, source_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = TLSConn(raw)
     conn.sendall(b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n" % port)
@@ -129,7 +134,8 @@ def dial(port: int, key: PrivateKey, source_port: int = 0) -> tuple[TLSConn, Fra
     if ftype != FrameType.SERVER_KEY:
         raise ConnectionError(f"first frame {ftype:#x} is not ServerKey")
     server_key = parse_server_key(payload)
-    conn.sendall(client_info_frame(key, server_key, {"version": 2, "CanAckPings": True}))
+    info = client_info_frame(key, server_key, {"version": 2, "CanAckPings": True})
+    conn.sendall(rewrite_client_info(info) if rewrite_client_info else info)
     while (frame := next_frame())[0] != FrameType.SERVER_INFO:
         pass
     open_server_info(key, server_key, frame[1])

@@ -8,6 +8,7 @@ Modes (each bounded by SECONDS):
                    every byte in a WebSocket frame of its own (7 wire bytes per DERP byte)
   tls-tiny-records completes the handshake over TLS, then sends every DERP byte in a TLS
                    record of its own
+The two floods print JSON {"sent": bytes, "closed": whether the server closed the connection}.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(url: str, mode: str, seconds: float) -> int:
     frame = F.send_packet_frame(os.urandom(32), bytes(100))
     deadline = time.monotonic() + seconds
     sent = 0
+    closed = False
     try:
         if mode == "ws-tiny-frames":
             batch = b"".join(encode_frame(Opcode.BINARY, frame[i : i + 1], mask=MASK) for i in range(len(frame))) * 40
@@ -64,8 +66,8 @@ def main(url: str, mode: str, seconds: float) -> int:
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     except OSError:
-        pass  # closed by the server: the test says whether it should have been
-    print(json.dumps({"sent": sent}), flush=True)
+        closed = True  # by the server: the caller says whether it should have been
+    print(json.dumps({"sent": sent, "closed": closed}), flush=True)
     return 0
 
 
