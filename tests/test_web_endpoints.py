@@ -562,3 +562,42 @@ def test_a_complete_request_stops_its_deadline():
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     clock.advance(REQUEST_DEADLINE + 1)  # kept alive, idle: only Twisted's idle timeout applies
     assert channel._deadline is None
+
+
+def test_a_body_trickled_after_the_413_is_ignored_and_the_connection_cut(log_lines):
+    from derpbox.web.endpoints import CLOSE_GRACE
+
+    clock, channel, transport = clocked_channel()
+    channel.dataReceived(b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ") and transport.disconnecting
+    for _ in range(5):
+        channel.dataReceived(b"x")  # Twisted would hand these to a request that is gone
+    assert not any("Traceback" in line or "Unhandled" in line for line in log_lines)
+    assert not transport.disconnected
+    # A client that never lets go (no TLS close_notify) is cut off shortly after the reply.
+    clock.advance(CLOSE_GRACE)
+    assert transport.disconnected
+    channel.connectionLost(None)
+
+
+def test_a_refused_head_is_cut_off_after_the_grace_not_the_request_deadline():
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.web.server import Site
+
+    from derpbox.web.connection import FrontFactory
+    from derpbox.web.endpoints import CLOSE_GRACE
+
+    clock = Clock()
+    relay = Relay(PrivateKey.generate(), clock)
+    factory = FrontFactory(relay, Site(Resource()), clock)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1234))
+    conn = factory.buildProtocol(None)
+    conn.makeConnection(transport)
+    conn.dataReceived(b"GET / HTTP/9.9\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 505 ") and transport.disconnecting
+    sent = transport.value()
+    conn.dataReceived(b"GARBAGE\r\n\r\n")  # not read as another request
+    assert transport.value() == sent and relay.stats.http_refusals["505"] == 1
+    clock.advance(CLOSE_GRACE)
+    assert transport.disconnected

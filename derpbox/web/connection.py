@@ -35,6 +35,7 @@ from ..protocol.websocket import CloseCode, accept_response, encode_close, negot
 from ..relay.peer import Peer
 from ..relay.relay import Relay
 from ..tls.stats import TLSStats, tls_version_label
+from .endpoints import CLOSE_GRACE
 from .streams import DERPStream, WebSocketStream
 
 log = Logger()
@@ -184,8 +185,17 @@ class FrontConnection(Protocol):
             f"http:{e.reason}", "{addr}: bad HTTP request: {reason}", addr=remote_address(self.transport), reason=e.reason
         )
         self.transport.write(error_response(e.status, e.reason, e.headers))
-        self.transport.loseConnection()
         self._buf = b""
+        self._close_soon()
+
+    def _close_soon(self) -> None:
+        """Close after what was written; cut off if the client has not let go in CLOSE_GRACE."""
+        self.transport.loseConnection()
+        # Whatever else the client sends is not read as a request.
+        self._receive = _ignore
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.factory.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def _start_derp(self, head, rest: bytes) -> None:
         stats = self.factory.relay.stats
@@ -205,7 +215,7 @@ class FrontConnection(Protocol):
         if negotiated_subprotocol(head) is None:
             # As derper: accept the handshake, then close with policy violation.
             self.transport.write(response + encode_close(CloseCode.POLICY_VIOLATION, "client must speak the derp subprotocol"))
-            self.transport.loseConnection()
+            self._close_soon()
             return
         stats = self.factory.relay.stats
         stats.accepts += 1
@@ -279,3 +289,7 @@ class FrontFactory(Factory):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive)))
         if self.tcp_user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.tcp_user_timeout * 1000))
+
+
+def _ignore(data: bytes) -> None:
+    """The input of a connection that was refused and is closing."""

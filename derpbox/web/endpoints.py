@@ -108,6 +108,9 @@ class _Request(server.Request):
 # idle timer that every byte resets, so a request trickled a byte at a time held its
 # connection (and a file descriptor) forever.
 REQUEST_DEADLINE = 30.0
+# After a refusal the connection closes: a TLS close waits for the client's close_notify,
+# which a misbehaving client never sends, so it is cut off this long after the reply.
+CLOSE_GRACE = 2.0
 _NO_BODY = b"no endpoint takes a request body\n"
 _BODY_REFUSED = (b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_NO_BODY), _NO_BODY))
@@ -118,6 +121,12 @@ class BoundedHTTPChannel(http.HTTPChannel):
     Content-Length would otherwise be spooled to disk), and each request has a deadline."""
 
     _deadline = None
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        # After the 413 the rest of the request (a body trickled on) is not parsed.
+        if not self._refused:
+            super().dataReceived(data)
 
     def lineReceived(self, line: bytes):
         if self._deadline is None:
@@ -127,8 +136,11 @@ class BoundedHTTPChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         request = self.requests[-1]
         if self.length or request.requestHeaders.hasHeader(b"transfer-encoding"):
+            self._refused = True
             self.transport.write(_BODY_REFUSED)
             self.transport.loseConnection()
+            self._stop_deadline()
+            self._deadline = self.callLater(CLOSE_GRACE, self._too_slow)
             return
         super().allHeadersReceived()
 
