@@ -159,11 +159,15 @@ def start_tls(sock: socket.socket, server_name: str | None, timeout: float, cafi
             conn.do_handshake()
             break
         except SSL.WantReadError:
-            want = ([sock], [])
+            event = select.POLLIN
         except SSL.WantWriteError:
-            want = ([], [sock])
+            event = select.POLLOUT
         left = deadline - time.monotonic()
-        if left <= 0 or not any(select.select(*want, [], left)[:2]):
+        # poll, not select: a process holding over 1,024 descriptors (a load generator)
+        # would get descriptors select cannot take.
+        poller = select.poll()
+        poller.register(sock, event)
+        if left <= 0 or not poller.poll(left * 1000):
             raise TimeoutError(f"TLS handshake not finished within {timeout:g} s")
     sock.setblocking(True)
     stream = TLSStream(conn, sock)
