@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import resource
 import socket
 import ssl
 import time
@@ -579,3 +580,23 @@ def test_many_clients_failing_the_same_way_make_one_log_line(start_server, log_l
         yield deferToThread(bad_websocket_client)
     lines = [line for line in log_lines if "text messages are not supported" in line]
     assert len(lines) == 1, lines
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_handshakes_with_descriptors_above_select_s_limit(start_server):
+    """derpbox's client (the checks, the benches' load generators) holds many sockets at once;
+    select() cannot wait on a descriptor above 1,023."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"the hard open-file limit is {hard}, below the 1,200 this needs")
+    server = yield start_server()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = yield deferToThread(DERPClient.connect, server.url)
+        assert client.stream.sock.fileno() > 1024
+        client.close()
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
