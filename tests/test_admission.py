@@ -425,6 +425,32 @@ def test_several_sockets_one_tailnet_down(two_tailnets):
 
 # -- admission URL ------------------------------------------------------------------------
 
+
+@pytest_twisted.inlineCallbacks
+def test_url_checks_keep_their_connection_and_resend_when_the_server_closed_it(headscale):
+    hs = headscale(nodes=(nk(A), nk(B)))
+    adm = admission(urls=(hs.url,), fail_open=False)
+    pool = adm.url_checks.urls[0].pool
+
+    def kept():
+        return sum(map(len, pool._connections.values()))
+
+    try:
+        assert (yield adm.check(A, "192.0.2.1")).allow
+        yield wait_for(lambda: kept() == 1)  # the answer arrives a moment before the connection is free
+        assert (yield adm.check(B, "192.0.2.1")).allow
+        yield wait_for(lambda: kept() == 1)
+        assert hs.connections == 1  # kept and reused, as Go's http.DefaultClient does
+        # The server closes the kept connection just as the next check goes out on it:
+        # the check is sent again on a new one, not taken for an outage.
+        hs.drop_next = 1
+        again = yield adm.check(A, "192.0.2.1")
+        assert again.allow and adm.stats.decisions[("url", "error")] == 0
+        assert hs.connections == 2 and len(hs.requests) == 4
+    finally:
+        adm.stop()
+
+
 FAIL_OPEN_MATRIX = [
     # scenario, allowed with fail-open on, allowed with it off, words in the reason
     ("refused", True, False, "connection refused"),

@@ -48,12 +48,16 @@ class _LimitedReader(Protocol):
     dropped), or with (bytes so far, Failure) when the transfer broke.
     """
 
-    def __init__(self, limit: int, done: defer.Deferred, complete=None):
+    def __init__(self, limit: int, done: defer.Deferred, complete=None, clock=None):
         self.limit = limit
         self.done = done
         self.complete = complete
+        # With a clock, a body whose value is whole may still end in this reactor pass, so
+        # its connection can be kept; it is cut only if it has not ended by the next.
+        self.clock = clock
         self.buf = bytearray()
         self.finished = False
+        self.ended = False
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished:
@@ -66,6 +70,13 @@ class _LimitedReader(Protocol):
         elif self.complete is not None and self.complete(self.buf):
             # Like Go's json.Decoder: once the value is whole, the rest is not awaited.
             self._finish(None)
+            if self.clock is None:
+                self.transport.stopProducing()
+            else:
+                self.clock.callLater(0, self._stop_unless_ended)
+
+    def _stop_unless_ended(self) -> None:
+        if not self.ended:
             self.transport.stopProducing()
 
     def connectionMade(self) -> None:
@@ -74,6 +85,7 @@ class _LimitedReader(Protocol):
             self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self.ended = True
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):
             self._finish(None)
         else:
@@ -94,14 +106,15 @@ class _LimitedReader(Protocol):
         self.done.callback((data, failure))
 
 
-def read_limited(response, limit: int, complete=None) -> tuple[_LimitedReader, defer.Deferred]:
+def read_limited(response, limit: int, complete=None, clock=None) -> tuple[_LimitedReader, defer.Deferred]:
     """Start reading ``response``'s body; see _LimitedReader for the result.
 
-    ``complete(buffer)``, if given, may end the read early by returning True.
+    ``complete(buffer)``, if given, may end the read early by returning True; with
+    ``clock``, a body that ends in the same pass leaves its connection reusable.
     """
     # Cancelling (the deadline) stops the transfer and reports what arrived so far.
     done: defer.Deferred = defer.Deferred(lambda d: reader.stop(Failure(defer.CancelledError("body read timed out"))))
-    reader = _LimitedReader(limit, done, complete)
+    reader = _LimitedReader(limit, done, complete, clock)
     response.deliverBody(reader)
     return reader, done
 

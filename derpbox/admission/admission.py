@@ -122,6 +122,9 @@ class Admission:
             self.allowlist.stop()
         if self.tailscale_api is not None:
             self.tailscale_api.stop()
+        if self.url_checks is not None:
+            for url in self.url_checks.urls:
+                url.close()
 
     def reload(self) -> defer.Deferred:
         """Re-read the allowlist now, changed or not; fires True if a new list is in force.

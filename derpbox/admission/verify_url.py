@@ -27,7 +27,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
 from twisted.web.http_headers import Headers
 
 from derpbox import __version__
@@ -40,6 +41,10 @@ log = Logger(namespace="derpbox.admission.url")
 DEFAULT_TIMEOUT = 5.0  # derper: context.WithTimeout(ctx, 5*time.Second)
 BODY_LIMIT = 4 << 10  # derper: io.LimitReader(res.Body, 4<<10)
 MAX_REQUESTS = 10  # Go's default CheckRedirect: "stopped after 10 redirects"
+# Idle connections kept per admission server (Go's http.DefaultClient keeps 2 per host).
+KEPT_CONNECTIONS = 4
+# A kept connection the server closed while idle fails the next request before any answer.
+_NOT_ANSWERED = (ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed)
 PROBE_KEY = "nodekey:" + "0" * 64
 USER_AGENT = f"derpbox/{__version__}".encode()
 _JSON_SPACE = " \t\r\n"
@@ -174,7 +179,7 @@ def _referer(previous: str, new: str) -> str | None:
 
 
 def _discard(response) -> None:
-    """Drop a body unread (the connection is not reused anyway)."""
+    """Drop a body unread (its connection is then closed, not kept)."""
     read_limited(response, 0)
 
 
@@ -189,9 +194,12 @@ class VerifyURL:
         self.timeout = timeout
         # Twisted's default policy verifies the certificate chain and host name.
         policy = https_policy if https_policy is not None else BrowserLikePolicyForHTTPS()
-        # A fresh connection per check: a pooled connection that went stale would
-        # fail a POST (not retried) and look like an outage.
-        self.agent = Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor, persistent=False))
+        # Connections are kept and reused, as Go's http.DefaultClient does: a check then
+        # costs no connect and no name lookup (and Twisted leaves a little memory behind
+        # with every connect by host name).
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = KEPT_CONNECTIONS
+        self.agent = Agent(reactor, contextFactory=policy, pool=self.pool)
         self._bad_since: float | None = None
         self._bad_key: tuple | None = None
 
@@ -215,8 +223,7 @@ class VerifyURL:
             if referer:
                 headers.addRawHeader(b"Referer", referer.encode("ascii", "replace"))
             try:
-                producer = BytesBody(body) if body is not None else None
-                response = yield deadline.wait(self.agent.request(method, wire, headers, producer))
+                response = yield self._request(method, wire, headers, body, deadline)
             except Exception:
                 if deadline.expired:
                     return _Answer("failed", detail=f"no response within {seconds_text(self.timeout)}")
@@ -240,7 +247,7 @@ class VerifyURL:
         if response.code != 200:
             _discard(response)
             return _Answer("status", response.code, f"HTTP {response.code} {response.phrase.decode('latin-1')}")
-        _, done = read_limited(response, BODY_LIMIT, _value_complete)
+        _, done = read_limited(response, BODY_LIMIT, _value_complete, self.reactor)
         data, failure = yield deadline.wait(done)
         allow, problem = decode_admit_response(data)
         if allow is None:
@@ -253,6 +260,23 @@ class VerifyURL:
                 problem = f"no whole JSON value in the first {BODY_LIMIT} bytes"
             return _Answer("bad_body", 200, problem)
         return _Answer("allow" if allow else "deny", 200)
+
+    @defer.inlineCallbacks
+    def _request(self, method: bytes, wire: bytes, headers: Headers, body: bytes | None, deadline: Deadline):
+        """One request; sent again when it failed before any answer on a kept connection the
+        server had closed (Go's transport does the same: the check is a query, safe to repeat).
+        Each kept connection can be stale at most once, so the tries are bounded by them."""
+        for attempt in range(KEPT_CONNECTIONS + 1):
+            try:
+                producer = BytesBody(body) if body is not None else None
+                return (yield deadline.wait(self.agent.request(method, wire, headers, producer)))
+            except _NOT_ANSWERED:
+                if deadline.expired or attempt == KEPT_CONNECTIONS:
+                    raise
+
+    def close(self) -> defer.Deferred:
+        """Close the kept connections (the server stops)."""
+        return self.pool.closeCachedConnections()
 
     def verdict(self, answer: _Answer) -> Verdict:
         kind = answer.kind

@@ -21,7 +21,10 @@ Test hooks: ``delay`` seconds before answering; ``force_status`` (the reply
 keeps the normal body unless ``force_body`` is set); ``force_body`` raw bytes;
 ``hang`` (accept and never answer); ``partial_body`` (answer 200 with
 these bytes, then stall without finishing); ``redirects`` maps a path to
-``(status, location)``; ``requests`` records method, path, headers and body.
+``(status, location)``; ``requests`` records method, path, headers and body;
+``connections`` counts accepted connections; ``drop_next`` aborts the connection of
+that many next requests instead of answering (as a server that closed an idle
+kept connection just as the client reused it).
 ``start(port=..., tls=...)`` rebinds a known port or serves HTTPS.
 """
 
@@ -117,6 +120,10 @@ class _Verify(Resource):
                 body=body,
             )
         )
+        if fake.drop_next:
+            fake.drop_next -= 1
+            request.transport.abortConnection()
+            return NOT_DONE_YET
         path = request.path.decode("latin-1")
         if path in fake.redirects:
             status, location = fake.redirects[path]
@@ -181,6 +188,8 @@ class FakeHeadscale:
         self.partial_body: bytes | None = None
         self.redirects: dict[str, tuple[int, str]] = {}
         self.requests: list[RecordedRequest] = []
+        self.connections = 0
+        self.drop_next = 0
         self._held: list = []
         self._port = None
         self.scheme = "http"
@@ -188,6 +197,13 @@ class FakeHeadscale:
     def start(self, port: int = 0, tls=None) -> FakeHeadscale:
         """Listen on 127.0.0.1:``port``; with ``tls`` (a Twisted context factory) serve HTTPS."""
         site = Site(_Verify(self))
+        build = site.buildProtocol
+
+        def counting(addr):
+            self.connections += 1
+            return build(addr)
+
+        site.buildProtocol = counting
         if tls is None:
             self._port = self.reactor.listenTCP(port, site, interface="127.0.0.1")
         else:
