@@ -48,6 +48,18 @@ def test_young_cyclic_garbage_is_freed_not_frozen():
         gc.collect()
 
 
+def garbage_kinds() -> collections.Counter:
+    """The types of what a full collection finds unreachable now (frozen objects included)."""
+    gc.unfreeze()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
 def churn(port: int, n: int) -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -68,13 +80,8 @@ def test_connection_churn_leaves_no_frozen_garbage(start_server):
             yield deferToThread(churn, server.port, 50)
             yield deferLater(reactor, 0.2, lambda: None)  # let the last closes finish
             freeze_young()  # what derpbox.heap does every 2 s
-        gc.unfreeze()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = collections.Counter(type(o).__name__ for o in gc.garbage)
+        left = garbage_kinds()
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
         gc.unfreeze()
     assert left["Failure"] == left["SendNowTLS"] == 0, left.most_common(8)
 
@@ -106,13 +113,8 @@ def test_long_lived_connections_leave_no_cycles_when_they_close(start_server):
         yield deferToThread(close_in_three_ways, clients)
         yield wait_for(lambda: server.stats.current_connections == 0 and not server.service.front.open_connections)
         yield deferLater(reactor, 0.2, lambda: None)  # let the last closes finish
-        gc.unfreeze()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        left = collections.Counter(type(o).__name__ for o in gc.garbage)
+        left = garbage_kinds()
     finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
         gc.unfreeze()
     kinds = ("Peer", "SendNowTLS", "FrontConnection", "Server", "Connection", "Failure", "DERPStream")
     assert not [kind for kind in kinds if left[kind]], left.most_common(10)
