@@ -407,4 +407,3 @@ class DERPClient:
             self.stream.close()
         except OSError:
             pass
-

@@ -280,4 +280,3 @@ def test_no_rate_config_no_rate_metrics(start_server):
     server = yield start_server()
     assert server.relay.rate_limits is None
     assert "derp_rate_limit_per_client_waited" not in server.service.metrics.vars()
-

@@ -547,4 +547,3 @@ class Peer:
         self._write_timer = None
         self.relay.stats.sclient_write_timeouts += 1
         self.fail(f"write blocked for {self.relay.write_timeout_for(self):g} s")
-
