@@ -47,6 +47,7 @@ from .tls.expiry import ExpiryWatch
 from .tls.stats import TLSStats
 from .tls.transport import server_tls_factory
 from .web.accept_limit import AcceptBucket, AcceptLimitedFactory
+from .web.tcp_stats import SAMPLE_INTERVAL as RTT_SAMPLE_INTERVAL
 from .web.tcp_stats import RTTSampler, RTTStats
 from .web.connection import FrontFactory
 from .web.debug import DebugResource, MetricsListenerResource
@@ -286,9 +287,9 @@ class DerpboxService(MultiService):
             self._every(BOOTSTRAP_DNS_INTERVAL, self.bootstrap_dns.refresh_in_background)
         self.tls_stats = TLSStats() if settings.use_tls else None
         self.rtt_stats = RTTStats() if settings.rtt_stats else None
-        self.rtt_sampler = RTTSampler(self.relay, self.rtt_stats, reactor) if self.rtt_stats is not None else None
+        self.rtt_sampler = RTTSampler(self.relay, self.rtt_stats) if self.rtt_stats is not None else None
         if self.rtt_sampler is not None:
-            self.rtt_sampler.setServiceParent(self)
+            self._every(RTT_SAMPLE_INTERVAL, self.rtt_sampler.sample_all)
         self.metrics = Metrics(
             self.relay,
             self.stun_stats,

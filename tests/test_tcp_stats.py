@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
+from twisted.application.internet import TimerService
 from nacl.public import PrivateKey
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -101,7 +102,9 @@ def test_every_connection_is_sampled(start_server):
         assert varz["derp_tcp_rtt"]["le=10ms"] == 3
         assert sum(varz["derp_tcp_rtt"].values()) == 3
         # Sampled again every 10 s, as derper: the service's loop calls the same walk.
-        assert server.service.rtt_sampler._loop.interval == 10.0
+        [timer] = [s for s in server.service if isinstance(s, TimerService)
+                   and s.call[0] == server.service.rtt_sampler.sample_all]
+        assert timer.step == 10.0
     finally:
         for c in clients:
             c.close()

@@ -12,7 +12,6 @@ import json
 import socket
 import time
 
-from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -86,43 +85,21 @@ def in_slices(items, each, size: int = SLICE):
     return task.cooperate(work()).whenDone()
 
 
-class RTTSampler(Service):
-    """Samples every connection of the relay each SAMPLE_INTERVAL, like derper's per-connection loop."""
+class RTTSampler:
+    """Samples every connection of the relay, like derper's per-connection loop; the service
+    calls ``sample_all`` every SAMPLE_INTERVAL (its timer waits for a walk to end)."""
 
-    def __init__(self, relay, stats: RTTStats, clock):
+    def __init__(self, relay, stats: RTTStats):
         self.relay = relay
         self.stats = stats
-        self.clock = clock
-        self._loop = None
-        self._walking = False
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self.sample_all)
-        self._loop.clock = self.clock
-        self._loop.start(SAMPLE_INTERVAL, now=False)
-
-    def stopService(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        super().stopService()
 
     def sample_all(self):
-        if self._walking:
-            return None  # the previous walk is still going: skip a beat rather than pile up
-        self._walking = True
         peers = [p for p in self.relay.peers() if p.state == ACTIVE]
-        d = in_slices(peers, self._sample_one)
-        d.addBoth(self._walked)
-        return d
+        return in_slices(peers, self._sample_one)
 
     def _sample_one(self, peer) -> None:
         if peer.state == ACTIVE:
             self.stats.sample(peer)
-
-    def _walked(self, result):
-        self._walking = False
-        return result
 
 
 def traffic_row(peer, now: float | None = None) -> dict:
