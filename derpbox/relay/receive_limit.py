@@ -140,31 +140,24 @@ class RateConfigFile:
     def __init__(self, path: str, relay):
         self.path = path
         self.relay = relay
-        config, warnings = load_rate_config(path)
-        self._warn(warnings)
-        relay.set_rate_limits(config)
-        self._applied()
+        self._apply(*load_rate_config(path))
 
     def reload(self) -> bool:
         try:
-            config, warnings = load_rate_config(self.path)
+            loaded = load_rate_config(self.path)
         except RateConfigError as e:
             log.warn("{error}; keeping the rate limits in force", error=e)
             return False
-        self._warn(warnings)
-        self.relay.set_rate_limits(config)
-        self._applied()
+        self._apply(*loaded)
         return True
 
-    def _applied(self) -> None:
+    def _apply(self, config: RateConfig, warnings: list[str]) -> None:
+        for line in warnings:
+            log.warn("{line}", line=line)
+        self.relay.set_rate_limits(config)
         applied = self.relay.rate_limits.config
         if applied.bytes_per_second:
             log.info("rate config applied: client-rate={rate} bytes/sec, client-burst={burst} bytes "
                      "(mesh peers exempt)", rate=applied.bytes_per_second, burst=applied.burst_bytes)
         else:
             log.info("rate config applied: no per-client rate limit ({field} is 0)", field=RATE_FIELD)
-
-    @staticmethod
-    def _warn(warnings: list[str]) -> None:
-        for line in warnings:
-            log.warn("{line}", line=line)
