@@ -54,6 +54,7 @@ from .web.debug import DebugResource, MetricsListenerResource
 from .web.endpoints import QuietSite, build_main_site
 from .web.port80 import build_port80_site
 from .web.proxied import ProxyProtocolFactory
+from .web.transports import relay_transports
 from .workers.context import WorkerContext
 from .workers.view import NodeView
 
@@ -108,6 +109,7 @@ class ListenerService(Service):
 
     def _listening(self, port):
         self.port = port
+        relay_transports(port)
         addr = port.getHost()
         log.info("{what} listening on {host}:{port}", what=self.what, host=addr.host, port=addr.port)
         return port

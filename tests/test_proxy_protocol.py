@@ -588,7 +588,8 @@ def test_proxy_protocol_without_trusted_proxies_refuses_to_start(start_server):
 def test_socket_tuning_reaches_the_tcp_transport_under_the_wrapper(start_server, tls):
     from twisted.internet import tcp
 
-    from derpbox.web.connection import TRANSPORT_BUFFER, tcp_transport
+    from derpbox.web.connection import tcp_transport
+    from derpbox.web.transports import TRANSPORT_BUFFER
 
     server = yield start_server("-proxy-protocol", "auto", "-trusted-proxies", "127.0.0.1", tls=tls)
     c = yield deferToThread(DERPClient.connect, server.url)

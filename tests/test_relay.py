@@ -13,7 +13,7 @@ from derpbox.keys import health_key
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameReader, FrameType
 from derpbox.protocol.handshake import client_info_frame, open_server_info
-from derpbox.relay.peer import FRAMES_PER_PASS, HANDSHAKE_CLIENT_INFO_MAX, KEEPALIVE_INTERVAL, KEEPALIVE_JITTER, Peer
+from derpbox.relay.peer import FRAMES_PER_PASS, HANDSHAKE_CLIENT_INFO_MAX, Peer
 from derpbox.relay.relay import Relay
 
 DISCO = F.DISCO_MAGIC + bytes(56)
@@ -243,16 +243,28 @@ def test_ping_pong_one_slot(relay):
     assert (relay.stats.got_ping, relay.stats.sent_pong) == (3, 2)
 
 
-def test_keepalive_every_60s_plus_fixed_jitter(relay):
+def test_keepalive_on_the_period_the_connection_picked(relay, monkeypatch):
+    monkeypatch.setattr("derpbox.relay.peer.keepalive_ticks", lambda: 63)
     a, ca, _ = connect(relay)
-    relay.clock.advance(KEEPALIVE_INTERVAL - 0.001)
+    relay.clock.advance(62.999)
     assert ca.take() == []
-    relay.clock.advance(KEEPALIVE_JITTER)
+    relay.clock.advance(0.002)
     assert ca.take() == [(FrameType.KEEP_ALIVE, b"")]
-    relay.clock.advance(KEEPALIVE_INTERVAL - 0.01)
+    relay.clock.advance(62.99)
     assert ca.take() == []
     relay.clock.advance(0.02)
     assert ca.take() == [(FrameType.KEEP_ALIVE, b"")]
+
+
+def test_keepalives_stop_when_the_connection_closes(relay, monkeypatch):
+    monkeypatch.setattr("derpbox.relay.peer.keepalive_ticks", lambda: 61)
+    a, ca, _ = connect(relay)
+    b, cb, _ = connect(relay)
+    a.connection_lost()
+    relay.clock.advance(61)
+    assert ca.take() == [] and cb.take() == [(FrameType.KEEP_ALIVE, b"")]
+    b.connection_lost()
+    assert len(relay.keepalives) == 0 and relay.clock.getDelayedCalls() == []
 
 
 def test_handshake_deadline(relay):

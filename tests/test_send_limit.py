@@ -11,7 +11,8 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from derpbox.client import DERPClient
-from derpbox.web.connection import SEND_LIMIT, TRANSPORT_BUFFER, tcp_transport
+from derpbox.web.connection import tcp_transport
+from derpbox.web.transports import SEND_LIMIT, TRANSPORT_BUFFER
 
 from .support import wait_for
 

@@ -8,7 +8,6 @@ other) that drop their oldest entry when full (spec 1.7).
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
@@ -19,7 +18,6 @@ from ..netaddr import host_port
 from ..protocol.frames import (
     CLIENT_FRAME_BOUNDS,
     HEADER_LEN,
-    KEEP_ALIVE_FRAME,
     KEY_LEN,
     FrameError,
     FrameReader,
@@ -29,14 +27,13 @@ from ..protocol.frames import (
     pong_frame,
 )
 from ..protocol.handshake import HANDSHAKE_TIMEOUT, HandshakeError, read_client_info
+from .keepalive import keepalive_ticks
 
 if TYPE_CHECKING:
     from .relay import Relay
 
 log = Logger()
 
-KEEPALIVE_INTERVAL = 60.0
-KEEPALIVE_JITTER = 5.0
 RECV_HEADER_LEN = HEADER_LEN + KEY_LEN
 NOT_HERE_RATE = 1.0
 NOT_HERE_BURST = 3.0
@@ -207,6 +204,7 @@ class Peer:
             log.debug("{who} disconnected after {duration:.1f} s, {bytes_in} bytes in, {bytes_out} out: {reason}",
                       who=self.describe(), duration=self.relay.clock.seconds() - self.connected_at,
                       bytes_in=self.bytes_in, bytes_out=self.bytes_out, reason=reason)
+            self.relay.keepalives.remove(self)
             self.relay.unregister(self)
             self.relay.flush()
 
@@ -373,7 +371,7 @@ class Peer:
         self.conn.write(self.relay.handshake.server_info_frame(box))
         # Registering queued PeerPresent for mesh watchers; send it now.
         self.relay.flush()
-        self._schedule_keepalive(KEEPALIVE_INTERVAL + random.random() * KEEPALIVE_JITTER)
+        self.relay.keepalives.add(self, keepalive_ticks())
 
     def _hold(self, data: bytes) -> None:
         # Reading is paused, but a TLS layer may still hand over what it already decrypted.
@@ -514,15 +512,6 @@ class Peer:
             for frame in q:
                 stats.drop("gone_disconnected", disco, len(frame) - RECV_HEADER_LEN)
             q.clear()
-
-    def _schedule_keepalive(self, delay: float) -> None:
-        self._timer = self.relay.clock.callLater(delay, self._keepalive)
-
-    def _keepalive(self) -> None:
-        self.send_control(KEEP_ALIVE_FRAME)
-        self.relay.flush()
-        if self.state == ACTIVE:
-            self._schedule_keepalive(KEEPALIVE_INTERVAL)
 
     # -- IPushProducer: the transport tells us when its buffer is full ----
 

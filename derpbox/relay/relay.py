@@ -25,6 +25,7 @@ from ..protocol.frames import (
     KEY_LEN,
     PRESENT_BEFORE_LINK,
     RECV_HEADER,
+    KEEP_ALIVE_FRAME,
     FrameType,
     PeerGoneReason,
     PeerPresentFlags,
@@ -34,6 +35,7 @@ from ..protocol.frames import (
 )
 from ..protocol.handshake import ServerHandshake, mesh_key_matches
 from .clients import ClientSet
+from .keepalive import KeepAliveWheel
 from .peer import ACTIVE, Peer
 from .receive_limit import RateConfig, RateLimits
 from .stats import RelayStats
@@ -91,6 +93,12 @@ class Relay:
         self._counts = {"local": 0, "remote": 0}
         self._watchers: list[Peer] = []
         self._restarting = False
+        self.keepalives = KeepAliveWheel(clock, self._keepalives_due)
+
+    def _keepalives_due(self, peers: list[Peer]) -> None:
+        for peer in peers:
+            peer.send_control(KEEP_ALIVE_FRAME)
+        self.flush()
 
     # -- admission and registration --------------------------------------
 

@@ -35,12 +35,18 @@ RECORDS_PER_PASS = 256
 
 
 class SendNowTLS(TLSMemoryBIOProtocol):
-    # Reading the socket stops for either of two reasons: the application asked (flow
-    # control, admission, a rate limit) or this connection spent its records for the pass.
-    _app_paused = False
-    _budget_call = None
-    # Whether the handshake's memory BIOs were swapped for fresh ones (derpbox.tls.bios).
-    _bios_renewed = not RENEWABLE
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Every attribute set here, including Twisted's that it sets later, so that the
+        # object keeps its compact attribute array (see derpbox.web.transports).
+        self._producer = None
+        self._handshakeDone = False
+        # Reading the socket stops for either of two reasons: the application asked (flow
+        # control, admission, a rate limit) or this connection spent its records for the pass.
+        self._app_paused = False
+        self._budget_call = None
+        # Whether the handshake's memory BIOs were swapped for fresh ones (derpbox.tls.bios).
+        self._bios_renewed = not RENEWABLE
 
     def pauseProducing(self) -> None:
         """The application's read pause (Twisted would pass it straight to the socket)."""

@@ -17,6 +17,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -43,25 +44,15 @@ log = Logger()
 # Go's server gives a request 30 s to arrive; a connection that sends nothing is closed.
 HEAD_TIMEOUT = 30.0
 GO_DEFAULT_KEEPALIVE = 15.0
-TRANSPORT_BUFFER = 256 << 10
-# What one send() may take (Twisted: 128 KiB, also for a write that finds the socket idle).
-# Above what one read can relay to one receiver plus what waits already, so a receiver that
-# keeps up gets a pass's packets in that pass and never falls behind because the reactor
-# is busy with others (issue: healthy receivers paused by other clients' load).
-SEND_LIMIT = 4 << 20
 
 
 def tcp_transport(transport):
-    """The TCP transport under a (possibly TLS- or PROXY-wrapped) transport."""
-    while transport is not None:
-        # vars(), not getattr(): Twisted's ProtocolWrapper (TLS, PROXY) delegates
-        # unknown attributes to the transport below, so getattr would find the
-        # socket on the wrapper and tune the wrapper instead of the TCP transport.
-        own = vars(transport) if hasattr(transport, "__dict__") else {}
-        if isinstance(own.get("socket"), socket.socket):
-            return transport
-        transport = own.get("transport")
-    return None
+    """The socket transport under a (possibly TLS- or PROXY-wrapped) transport."""
+    # A wrapper holds the transport below as its own attribute, and hands lookups of
+    # attributes it lacks (such as "socket") down to it: unwrap first, then look.
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport if isinstance(getattr(transport, "socket", None), socket.socket) else None
 
 
 @implementer(IHandshakeListener)
@@ -269,15 +260,10 @@ class FrontFactory(Factory):
 
     def tune(self, transport) -> None:
         """Socket options derper sets; NODELAY matters: without it latency jumps to ms."""
-        tcp = tcp_transport(transport)
-        if tcp is None:
+        below = tcp_transport(transport)
+        if below is None:
             return
-        # Twisted pauses a producer once this many bytes wait in user space, before it
-        # has even tried the socket; one 64 KiB read can relay that much to a single
-        # receiver, so the default would pause (and drop) on a healthy connection.
-        tcp.bufferSize = TRANSPORT_BUFFER
-        tcp.SEND_LIMIT = SEND_LIMIT
-        sock = tcp.socket
+        sock = below.socket
         if sock.family == socket.AF_UNIX:
             # A worker's internal mesh socket (derpbox.workers): no TCP options to set.
             return

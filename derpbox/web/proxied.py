@@ -57,13 +57,10 @@ def _address(source: tuple[str, int]):
 
 def came_via_proxy(transport) -> bool:
     """True when the connection under *transport* (any layer) arrived from a trusted proxy."""
-    seen = 0
-    while transport is not None and seen < 16:
+    while isinstance(transport, ProtocolWrapper):
         if isinstance(transport, ProxyProtocolWrapper):
             return transport.via_proxy
-        # vars(): ProtocolWrapper delegates unknown attributes to its transport.
-        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") else None
-        seen += 1
+        transport = transport.transport
     return False
 
 

@@ -1,0 +1,52 @@
+"""The socket transports under relay connections: Twisted's, with derpbox's buffer limits.
+
+Every listener's port makes its connections with these classes (``relay_transports``).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import tcp, unix
+
+# Twisted pauses a producer once this many bytes wait in user space, before it has even
+# tried the socket; one 64 KiB read can relay that much to a single receiver, so the
+# default would pause (and drop) on a healthy connection.
+TRANSPORT_BUFFER = 256 << 10
+# What one send() may take (Twisted: 128 KiB, also for a write that finds the socket idle).
+# Above what one read can relay to one receiver plus what waits already, so a receiver that
+# keeps up gets a pass's packets in that pass and never falls behind because the reactor
+# is busy with others (issue: healthy receivers paused by other clients' load).
+SEND_LIMIT = 4 << 20
+
+
+class _RelayTransport:
+    bufferSize = TRANSPORT_BUFFER
+    SEND_LIMIT = SEND_LIMIT
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # CPython keeps an object's attributes in a compact array whose names its class
+        # shares, but only names its first few dozen objects set; a name first set later
+        # turns that object's attributes into a dict of its own (0.8 KiB here). Twisted
+        # sets these at registerProducer or the first buffered write, which a server's
+        # first connections (health checks, probes) often never reach.
+        self.producer = None
+        self.streamingProducer = False
+        self.producerPaused = False
+        self.dataBuffer = b""
+        self.offset = 0
+
+
+class RelayTCPServer(_RelayTransport, tcp.Server):
+    pass
+
+
+class RelayUNIXServer(_RelayTransport, unix.Server):
+    pass
+
+
+_RELAY_CLASSES = {tcp.Server: RelayTCPServer, unix.Server: RelayUNIXServer}
+
+
+def relay_transports(port) -> None:
+    """Make ``port``'s future connections with the relay transport classes."""
+    port.transport = _RELAY_CLASSES.get(port.transport, port.transport)

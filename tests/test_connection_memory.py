@@ -1,0 +1,60 @@
+"""An idle relay connection's Python objects stay compact (issue 14, idle memory).
+
+CPython stores an object's attributes in a compact array whose names are shared by its
+class, but only the names its first few dozen objects set. A name first set later turns
+that object's attributes into a dict of its own (0.4-0.8 KiB). The relay's socket and
+TLS transports set every name they will use when they are made (derpbox.web.transports,
+derpbox.tls.transport); this checks it on a server whose first connections were probes
+that never got that far, as a load balancer's health checks are.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from derpbox.client import DERPClient
+from derpbox.web.connection import tcp_transport
+from derpbox.web.transports import RelayTCPServer
+
+from .support import wait_for
+
+# CPython lets a class's shared attribute names grow only while it has made fewer objects.
+PROBES = 40
+
+
+def own_dict(obj) -> bool:
+    """Whether ``obj``'s attributes live in a dict of its own (the GC then sees that dict)."""
+    return any(type(ref) is dict for ref in gc.get_referents(obj))
+
+
+def probe(port: int) -> None:
+    for _ in range(PROBES):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_relay_connections_keep_compact_attributes_after_probes(start_server, tls):
+    server = yield start_server(tls=tls)
+    yield deferToThread(probe, server.port)
+    yield wait_for(lambda: not server.service.front.open_connections)
+    clients = yield deferToThread(lambda: [DERPClient.connect(server.url) for _ in range(2)])
+    try:
+        yield wait_for(lambda: server.stats.current_connections == 2)
+        # One relays to the other, so its transports have written and registered a producer.
+        clients[0].send_packet(clients[1].public_key, b"x" * 1000)
+        yield deferToThread(clients[1].recv_packet, 5)
+        for front in server.service.front.open_connections:
+            tcp = tcp_transport(front.transport)
+            assert type(tcp) is RelayTCPServer
+            assert not own_dict(tcp), "the socket transport's attributes turned into a dict"
+            if tls:
+                assert not own_dict(front.transport), "the TLS transport's attributes turned into a dict"
+    finally:
+        for client in clients:
+            client.close()
