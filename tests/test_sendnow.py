@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from derpbox.tls.certs import ManualCertificateSource
 from derpbox.tls.context import ServerTLS
-from derpbox.tls.bios import RENEWABLE
+from derpbox.tls.binding import RENEWABLE
 from derpbox.tls.transport import RECORDS_PER_PASS, server_tls_factory
 
 from .certs import make_cert

@@ -13,6 +13,9 @@ record per packet: the relay would parse, route and flush once per packet. Here 
 records that one socket read brought are decrypted first and delivered together, at
 most ``RECORDS_PER_PASS`` of them in one reactor pass: a client sending 1-byte records
 gets its socket paused and the rest decrypted in the next pass, after everyone else.
+
+Records go in and out through ``derpbox.tls.binding``, which calls OpenSSL without
+pyOpenSSL's per-call costs (more than the cipher's for one packet per record).
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ..sendnow import write_now
-from .bios import RENEWABLE, renew_bios
+from .binding import RENEWABLE, read_ciphertext, read_plaintext, renew_bios, write_ciphertext, write_plaintext
 
-# What one read of OpenSSL's send buffer takes: several full records at once.
-SEND_CHUNK = 1 << 17
-# What one SSL_read may return: a record's plaintext is at most 16 KiB.
-RECV_CHUNK = 1 << 15
+# Plaintext sealed between two sends to the socket, as Twisted does: one full record. Also
+# what OpenSSL's output buffer grows to, for as long as the connection lives.
+SEAL_CHUNK = 1 << 14
 # Records decrypted for one connection per reactor pass. A 256 KiB read of real packets is
 # at most about 200 records; of 1-byte records, over 10,000 (about 1.5 us of CPU each).
 RECORDS_PER_PASS = 256
@@ -45,7 +47,7 @@ class SendNowTLS(TLSMemoryBIOProtocol):
         # control, admission, a rate limit) or this connection spent its records for the pass.
         self._app_paused = False
         self._budget_call = None
-        # Whether the handshake's memory BIOs were swapped for fresh ones (derpbox.tls.bios).
+        # Whether the handshake's memory BIOs were swapped for fresh ones (derpbox.tls.binding).
         self._bios_renewed = not RENEWABLE
 
     def pauseProducing(self) -> None:
@@ -58,18 +60,27 @@ class SendNowTLS(TLSMemoryBIOProtocol):
         if self._budget_call is None:
             self.transport.resumeProducing()
 
+    def dataReceived(self, data: bytes) -> None:
+        if not self._handshakeDone:
+            super().dataReceived(data)
+            return
+        # Twisted's, after the handshake, with the bytes handed to OpenSSL directly.
+        write_ciphertext(self._tlsConnection, data)
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        self._flushReceiveBIO()
+
     def _flushReceiveBIO(self) -> None:
         # Twisted's loop over SSL_read, delivering once at the end instead of per record;
         # its handling of a TLS shutdown and of errors is kept, after what came before them.
         chunks: list[bytes] = []
+        conn = self._tlsConnection
         while not self._lostTLSConnection:
             if len(chunks) == RECORDS_PER_PASS:
                 self._next_pass()
                 break
             try:
-                chunks.append(self._tlsConnection.recv(RECV_CHUNK))
-            except WantReadError:
-                break
+                plaintext = read_plaintext(conn)
             except ZeroReturnError:
                 self._deliver(chunks)
                 self._shutdownTLS()
@@ -77,6 +88,10 @@ class SendNowTLS(TLSMemoryBIOProtocol):
             except Error:
                 self._deliver(chunks)
                 self._tlsShutdownFinished(Failure())
+            else:
+                if plaintext is None:
+                    break
+                chunks.append(plaintext)
         self._deliver(chunks)
         self._flushSendBIO()
 
@@ -106,12 +121,31 @@ class SendNowTLS(TLSMemoryBIOProtocol):
             chunks.clear()
             ProtocolWrapper.dataReceived(self, data)
 
+    def _write(self, data) -> None:
+        # Twisted's: seal a record's worth, send it, repeat; through derpbox.tls.binding,
+        # and over a memoryview rather than slices copied out of the data.
+        if self._lostTLSConnection:
+            return
+        conn = self._tlsConnection
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                done += write_plaintext(conn, view[done:done + SEAL_CHUNK])
+            except WantReadError:
+                self._bufferedWrite(bytes(view[done:]))
+                break
+            except Error:
+                # As Twisted: the connection is lost, with the error as the reason.
+                self._tlsShutdownFinished(Failure())
+                break
+            self._flushSendBIO()
+
     def _flushSendBIO(self) -> None:
         # Twisted's hook between OpenSSL's output buffer and the transport below.
-        try:
-            write_now(self.transport, self._tlsConnection.bio_read(SEND_CHUNK))
-        except WantReadError:
-            pass  # nothing to send
+        data = read_ciphertext(self._tlsConnection)
+        if data:
+            write_now(self.transport, data)
         if not self._bios_renewed and self._handshakeDone and not self._lostTLSConnection:
             # Once the handshake is over and both BIOs are empty (renew_bios checks), give
             # back what the handshake made them grow to.
