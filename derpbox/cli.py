@@ -45,8 +45,11 @@ def serve(argv: list[str], environ=os.environ) -> int:
     if worker is not None:
         die_with_parent(worker.supervisor)
 
-    # Here, not at the top: importing the reactor installs it, and only serve runs one.
-    from twisted.internet import reactor
+    # Here, not at the top: only serve runs a reactor, and it must be installed before
+    # anything imports Twisted's default one.
+    from .reactor import install_relay_reactor
+
+    reactor = install_relay_reactor()
 
     from .service import DerpboxService
 
