@@ -111,7 +111,9 @@ class ListenerService(Service):
         self.port = port
         relay_transports(port)
         addr = port.getHost()
-        log.info("{what} listening on {host}:{port}", what=self.what, host=addr.host, port=addr.port)
+        host = getattr(addr, "host", None)
+        where = f"{host}:{addr.port}" if host is not None else os.fsdecode(addr.name)  # a unix socket's path
+        log.info("{what} listening on {where}", what=self.what, where=where)
         return port
 
     def stopService(self):

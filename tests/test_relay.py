@@ -615,6 +615,25 @@ def test_other_nodes_see_one_node_across_workers():
     assert relay.stats.dropped_packets[("unknown_dest_on_fwd", "other")] == 1
 
 
+def test_a_superseded_key_whose_connection_left_forgets_it_when_the_other_worker_does():
+    """The key's newer connection is on another worker; ours closes, then the other worker's
+    goes too (at shutdown, both at once): the record goes, and nothing is reinstated."""
+    relay = Relay(PrivateKey.generate(), Clock(), worker_mesh_key=bytes(range(1, 33)))
+    key = PrivateKey.generate()
+    mine, _, _ = connect(relay, key)
+    fwd = WorkerForwarder("worker1")
+    relay.add_forwarder(pub(key), fwd)
+    mine.connection_lost()
+    assert relay.check_consistency() == []
+    relay.remove_forwarder(pub(key), fwd)
+    assert relay.check_consistency() == [] and relay.connections(pub(key)) == []
+    # A new connection of the key here is active again.
+    again, c_again, _ = connect(relay, key)
+    sender, _, _ = connect(relay)
+    send(sender, pub(key), b"to the new one")
+    assert [p[32:] for _, p in c_again.take(FrameType.RECV_PACKET)] == [b"to the new one"]
+
+
 def test_a_workers_link_that_comes_up_announces_connections_as_older():
     worker_key = bytes(range(1, 33))
     relay = Relay(PrivateKey.generate(), Clock(), worker_mesh_key=worker_key)

@@ -601,3 +601,45 @@ def test_a_refused_head_is_cut_off_after_the_grace_not_the_request_deadline():
     assert transport.value() == sent and relay.stats.http_refusals["505"] == 1
     clock.advance(CLOSE_GRACE)
     assert transport.disconnected
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_answer_that_comes_after_the_client_left_is_dropped_quietly():
+    from twisted.internet.defer import Deferred
+    from twisted.web.server import Site
+
+    from derpbox.web.endpoints import reply_later
+
+    from .support import wait_for
+
+    answer, left = Deferred(), []
+
+    class Slow(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.notifyFinish().addErrback(left.append)
+            return reply_later(request, answer)
+
+    errors = []
+
+    def observer(event):
+        if event.get("isError") or event.get("log_failure"):
+            errors.append(event)
+
+    port = reactor.listenTCP(0, Site(Slow()), interface="127.0.0.1")
+    globalLogPublisher.addObserver(observer)
+    try:
+        def ask_and_leave():
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        yield deferToThread(ask_and_leave)
+        yield wait_for(lambda: left)
+        answer.callback(b"too late")
+        # Finishing a request whose client left raises inside the callback.
+        answer.addErrback(errors.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        yield port.stopListening()
+    assert errors == []

@@ -71,10 +71,12 @@ class ClientSet:
         """Forget a closed connection; the caller drops the record once ``conns`` is empty."""
         conns = self.conns
         conns.remove(peer)
-        senders = self.senders
-        if senders is None:
-            self.active = None
+        if not conns:
+            # No connection of ours left to step back or come back: nothing is superseded.
+            self.active = self.senders = None
+            self.superseded = False
             return
+        senders = self.senders
         if peer in senders:
             senders.remove(peer)
         if len(conns) == 1:
@@ -121,6 +123,8 @@ class ClientSet:
             out.append(f"duplicate state of {name} disagrees with its {len(self.conns)} connections")
         if self.senders is not None and any(p not in self.conns for p in self.senders):
             out.append(f"a sender of {name} is not registered")
+        if self.superseded and not self.conns:
+            out.append(f"{name} is superseded with no connection here")
         if len(self.conns) == 1 and self.active is not self.conns[0] and not self.superseded:
             out.append(f"the only connection of {name} is not active")
         return out

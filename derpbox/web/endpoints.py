@@ -61,14 +61,17 @@ def reply(request: server.Request, body: bytes) -> bytes:
 
 def reply_later(request: server.Request, body: defer.Deferred) -> int:
     """For render(): answer with what ``body`` fires with (bytes), or 500 with its error."""
+    # A client that left before the answer gets none (Twisted raises on finishing it).
+    gone: list = []
+    request.notifyFinish().addErrback(gone.append)
 
     def done(data: bytes) -> None:
-        if not request.finished:
+        if not gone and not request.finished:
             request.write(reply(request, data))
             request.finish()
 
     def failed(failure) -> None:
-        if not request.finished:
+        if not gone and not request.finished:
             request.write(http_error(request, 500, failure.getErrorMessage()))
             request.finish()
 

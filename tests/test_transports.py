@@ -1,4 +1,6 @@
-"""An idle relay connection's Python objects stay compact (issue 14, idle memory).
+"""The socket transports of relay connections (derpbox.web.transports).
+
+An idle relay connection's Python objects stay compact (issue 14, idle memory).
 
 CPython stores an object's attributes in a compact array whose names are shared by its
 class, but only the names its first few dozen objects set. A name first set later turns
@@ -6,6 +8,9 @@ that object's attributes into a dict of its own (0.4-0.8 KiB). The relay's socke
 TLS transports set every name they will use when they are made (derpbox.web.transports,
 derpbox.tls.transport); this checks it on a server whose first connections were probes
 that never got that far, as a load balancer's health checks are.
+
+A worker's internal link reads with plain recv(), not the recvmsg() Twisted's unix
+transport uses for passing descriptors.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import socket
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from twisted.python import sendmsg
 
 from derpbox.client import DERPClient
 from derpbox.web.connection import tcp_transport
-from derpbox.web.transports import RelayTCPServer
+from derpbox.service import ListenerService
+from derpbox.web.transports import RelayTCPServer, RelayUNIXServer
 
 from .support import wait_for
 
@@ -58,3 +68,44 @@ def test_relay_connections_keep_compact_attributes_after_probes(start_server, tl
     finally:
         for client in clients:
             client.close()
+
+
+class Echo(Protocol):
+    def connectionMade(self):
+        self.factory.transports.append(self.transport)
+
+    def dataReceived(self, data):
+        self.transport.write(data.upper())
+
+
+def exchange(path: str, payloads: list[bytes]) -> bytes:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        got = b""
+        for payload in payloads:
+            sock.sendall(payload)
+            while len(got) < sum(map(len, payloads[: payloads.index(payload) + 1])):
+                got += sock.recv(65536)
+        return got
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_links_read_and_write_without_recvmsg(tmp_path, monkeypatch):
+    def no_recvmsg(*args, **kwargs):
+        raise AssertionError("recvmsg used on a worker link")
+
+    monkeypatch.setattr(sendmsg, "recvmsg", no_recvmsg)
+    factory = Factory.forProtocol(Echo)
+    factory.transports = []
+    path = str(tmp_path / "w.sock")
+    listener = ListenerService(UNIXServerEndpoint(reactor, path), factory, "test link")
+    listener.startService()
+    try:
+        yield listener.ready
+        payloads = [b"forward packet %d " % i * 50 for i in range(20)]
+        got = yield deferToThread(exchange, path, payloads)
+        assert got == b"".join(payloads).upper()
+        assert [type(t) for t in factory.transports] == [RelayUNIXServer]
+    finally:
+        yield listener.stopService()
