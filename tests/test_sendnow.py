@@ -93,7 +93,7 @@ def test_tls_records_reach_the_socket_in_the_writing_call(tmp_path):
         # what arrives was sent by the write itself, not queued for a later pass.
         assert client.read_exactly(1400) == b"relayed packet" * 100
         # Once the handshake's output was sent, the memory BIOs it grew were swapped for
-        # fresh ones (derpbox.tls.bios), and everything below still flows both ways.
+        # fresh ones (derpbox.tls.binding), and everything below still flows both ways.
         tls = server.transport._tlsConnection
         assert RENEWABLE and server.transport._bios_renewed
         assert (tls._into_ssl, tls._from_ssl) != server.handshake_bios
