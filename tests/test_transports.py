@@ -21,7 +21,7 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.python import sendmsg
@@ -29,7 +29,7 @@ from twisted.python import sendmsg
 from derpbox.client import DERPClient
 from derpbox.web.connection import tcp_transport
 from derpbox.service import ListenerService
-from derpbox.web.transports import RelayTCPServer, RelayUNIXServer
+from derpbox.web.transports import READ_SIZE, TRANSPORT_BUFFER, RelayTCPServer, RelayUNIXServer
 
 from .support import wait_for
 
@@ -107,5 +107,34 @@ def test_worker_links_read_and_write_without_recvmsg(tmp_path, monkeypatch):
         got = yield deferToThread(exchange, path, payloads)
         assert got == b"".join(payloads).upper()
         assert [type(t) for t in factory.transports] == [RelayUNIXServer]
+    finally:
+        yield listener.stopService()
+
+
+class Chunks(Protocol):
+    def connectionMade(self):
+        self.factory.chunks = []
+
+    def dataReceived(self, data):
+        self.factory.chunks.append(len(data))
+
+
+@pytest_twisted.inlineCallbacks
+def test_reads_are_at_most_read_size_below_the_pause_threshold():
+    assert READ_SIZE < TRANSPORT_BUFFER
+    factory = Factory.forProtocol(Chunks)
+    listener = ListenerService(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory, "test")
+    listener.startService()
+    try:
+        port = yield listener.ready
+        burst = 4 * TRANSPORT_BUFFER
+
+        def send():
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5) as sock:
+                sock.sendall(bytes(burst))
+
+        yield deferToThread(send)
+        yield wait_for(lambda: sum(getattr(factory, "chunks", [])) == burst)
+        assert max(factory.chunks) <= READ_SIZE
     finally:
         yield listener.stopService()

@@ -5,11 +5,18 @@ Every listener's port makes its connections with these classes (``relay_transpor
 
 from __future__ import annotations
 
-from twisted.internet import tcp, unix
+from errno import EWOULDBLOCK
 
+from twisted.internet import main, tcp, unix
+
+# What one recv() takes: about 50 packets. Twisted reads bufferSize, which is also where
+# it pauses the producer; at 256 KiB one read could carry 200 packets for one receiver,
+# and one client's burst made one long reactor pass.
+READ_SIZE = 64 << 10
 # Twisted pauses a producer once this many bytes wait in user space, before it has even
-# tried the socket; one 64 KiB read can relay that much to a single receiver, so the
-# default would pause (and drop) on a healthy connection.
+# tried the socket; one read can relay a whole READ_SIZE to a single receiver, and more
+# than that may be waiting already, so the default (64 KiB) would pause (and drop) on a
+# healthy connection.
 TRANSPORT_BUFFER = 256 << 10
 # What one send() may take (Twisted: 128 KiB, also for a write that finds the socket idle).
 # Above what one read can relay to one receiver plus what waits already, so a receiver that
@@ -35,17 +42,26 @@ class _RelayTransport:
         self.dataBuffer = b""
         self.offset = 0
 
+    def doRead(self):
+        # Twisted's tcp.Connection.doRead, reading READ_SIZE rather than bufferSize. Also a
+        # unix link's: plain recv(), not the recvmsg() Twisted's unix transport uses for
+        # passing descriptors (1.5 us more per read), which a worker's link never does.
+        try:
+            data = self.socket.recv(READ_SIZE)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        return self._dataReceived(data)
+
 
 class RelayTCPServer(_RelayTransport, tcp.Server):
     pass
 
 
 class RelayUNIXServer(_RelayTransport, unix.Server):
-    """A worker's internal mesh link (derpbox.workers), which never passes descriptors:
-    plain recv() and send(). Twisted's unix transport reads with recvmsg() for ancillary
-    data, 1.5 us more per read, and every packet between workers is a read of its own."""
+    """A worker's internal mesh link (derpbox.workers), which never passes descriptors."""
 
-    doRead = tcp.Connection.doRead
     writeSomeData = tcp.Connection.writeSomeData
 
 
