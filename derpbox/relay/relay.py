@@ -22,10 +22,10 @@ from ..netaddr import ip16
 from ..protocol.frames import (
     DISCO_MAGIC,
     DISCO_MIN_LEN,
+    KEEP_ALIVE_FRAME,
     KEY_LEN,
     PRESENT_BEFORE_LINK,
     RECV_HEADER,
-    KEEP_ALIVE_FRAME,
     FrameType,
     PeerGoneReason,
     PeerPresentFlags,
