@@ -51,6 +51,7 @@ from derpbench import (
     raise_nofile,
     report_head,
     rss_kib,
+    save_report,
     start,
     start_derpbox,
     stop,
@@ -1014,11 +1015,7 @@ def main() -> int:
             if admission is not None:
                 admission[1].send("stop")
                 admission[0].join(10)
-    text = report(res)
-    print(text)
-    (args.out / f"{started}-soak.md").write_text(text)
-    (args.out / f"{started}-soak.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "LATEST-soak.md").write_text(text)
+    save_report(args.out, started, "-soak", res, report(res))
     return 0
 
 

@@ -562,6 +562,15 @@ def median(rows: list[dict], key: str):
     return statistics.median(values) if values else None
 
 
+def save_report(out: Path, started: str, kind: str, res: dict, text: str) -> None:
+    """Print a run's report and keep it, with its measurements, in ``out``: ``<started><kind>.md``
+    and ``.json``, and the report again as ``LATEST<kind>.md`` (kind: "" or e.g. "-soak")."""
+    print(text)
+    (out / f"{started}{kind}.md").write_text(text)
+    (out / f"{started}{kind}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"LATEST{kind}.md").write_text(text)
+
+
 def report_head(title: str, res: dict) -> list[str]:
     """A report's first lines: title, the command that produced it, the machine."""
     return [f"# {title}", "", f"Command: `{res['command']}`", "", *(f"- {k}: {v}" for k, v in res["machine"].items())]
@@ -831,11 +840,7 @@ def main() -> int:
             finally:
                 for server in servers:
                     stop(server)
-    text = report(res)
-    print(text)
-    (args.out / f"{started}.md").write_text(text)
-    (args.out / f"{started}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "LATEST.md").write_text(text)
+    save_report(args.out, started, "", res, report(res))
     return 0
 
 

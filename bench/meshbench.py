@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import derpbench
 from derpbench import (BENCH_DIR, default_derper, fmt, free_port, machine_info, median, raise_nofile, report_head,
-                       run_load, server_flags, spread, stop, wait_listening)
+                       run_load, save_report, server_flags, spread, stop, wait_listening)
 
 sys.path.insert(0, str(BENCH_DIR.parent))
 from tests.certs import make_cert  # noqa: E402  (the repository's own throwaway CA)
@@ -170,11 +169,7 @@ def main() -> int:
     for _ in range(args.repeat):
         for config in configs:
             res["rows"] += run_config(config, rates, args, args.out, started, args.derper)
-    text = report(res)
-    print(text)
-    (args.out / f"{started}-mesh.md").write_text(text)
-    (args.out / f"{started}-mesh.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "LATEST-mesh.md").write_text(text)
+    save_report(args.out, started, "-mesh", res, report(res))
     return 0
 
 

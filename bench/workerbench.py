@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import derpbench
-from derpbench import BENCH_DIR, fmt, machine_info, median, raise_nofile, report_head, run_load, start_derpbox, stop
+from derpbench import (BENCH_DIR, fmt, machine_info, median, raise_nofile, report_head, run_load, save_report,
+                       start_derpbox, stop)
 from nacl.public import PrivateKey
 
 CONFIGS = ("1-worker", "2-local", "2-cross", "2-kernel")
@@ -187,11 +188,7 @@ def main() -> int:
     for _ in range(args.repeat):
         for config in configs:
             res["rows"] += run_config(config, rates, args, args.out, started)
-    text = report(res)
-    print(text)
-    (args.out / f"{started}-workers.md").write_text(text)
-    (args.out / f"{started}-workers.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "LATEST-workers.md").write_text(text)
+    save_report(args.out, started, "-workers", res, report(res))
     return 0
 
 
