@@ -12,6 +12,10 @@ a fresh node, alternating, `--repeat` times:
     2-cross    -workers 2, every pair's sender on one worker and its receiver on the other
     2-kernel   -workers 2, as the kernel places them (what a node sees)
 
+Each configuration runs every paced rate, then a flat-out row (senders write as fast as
+the node reads): the saturation rate, with the load generator's own CPU beside it, as the
+generator competes with the workers for this machine's cores (`--no-flat-out` skips it).
+
     python bench/workerbench.py --rates 10000,20000 --duration 6 --repeat 3
 """
 
@@ -122,7 +126,7 @@ def run_config(config: str, rates: list[int], args, out: Path, started: str) -> 
                     time.sleep(0.1)
                     text = Path(log.name).read_bytes()[start:].decode(errors="replace")
                 mesh_dir = m[1]
-            for rate in rates:
+            for rate in [*rates, *([] if args.no_flat_out else [None])]:
                 place = None
                 if config in ("2-local", "2-cross"):
                     place = placement(config, find_ports(server, mesh_dir, 2, args.pairs), args.pairs)
@@ -133,7 +137,7 @@ def run_config(config: str, rates: list[int], args, out: Path, started: str) -> 
                     row["crossing_share"] = (after[0] - before[0]) / max(1, after[1] - before[1])
                 row["config"] = config
                 rows.append(row)
-                print(f"{config:9} {rate:>6}/s: delivered {row['delivered_pps']:.0f} pps, "
+                print(f"{config:9} {f'{rate}/s' if rate else 'flat-out':>8}: delivered {row['delivered_pps']:.0f} pps, "
                       f"loss {fmt(row['loss_pct'], '.2f')} %, {fmt(row['server_cpu_s_per_Mpkt'], '.2f')} CPU s/Mpkt",
                       file=sys.stderr, flush=True)
         finally:
@@ -160,6 +164,25 @@ def report(res: dict) -> str:
             out.append(f"| {rate} | {config} | {'-' if share is None else f'{share:.0%}'} | {runs} | {fmt(cpu, '.2f')} | "
                        f"{fmt(cpu / base if cpu and base else None, '.2f')} | {fmt(median(rows, 'p50_ms'), '.2f')} | "
                        f"{fmt(median(rows, 'p99_ms'), '.2f')} | {fmt(median(rows, 'loss_pct'), '.3f')} |")
+    flat = [r for r in res["rows"] if r["rate_per_sender"] is None]
+    if flat:
+        out += ["", "**Flat out** (saturation): senders write 64-packet batches as fast as the node reads "
+                "them. On a 2-core machine the generator needs a core of its own, so the workers share "
+                "what it leaves: read the generator's CPU beside the rate.", "",
+                "| config | crossing | delivered pps (runs) | median | x 1-worker | server CPU s | gen CPU s | "
+                "CPU s/Mpkt | loss % |", "|---|---|---|---|---|---|---|---|---|"]
+        base = median([r for r in flat if r["config"] == "1-worker"], "delivered_pps")
+        for config in res["configs"]:
+            rows = [r for r in flat if r["config"] == config]
+            if not rows:
+                continue
+            pps = median(rows, "delivered_pps")
+            share = median(rows, "crossing_share")
+            out.append(f"| {config} | {'-' if share is None else f'{share:.0%}'} | "
+                       f"{', '.join(fmt(r['delivered_pps'], '.0f') for r in rows)} | {fmt(pps, '.0f')} | "
+                       f"{fmt(pps / base if pps and base else None, '.2f')} | {fmt(median(rows, 'server_cpu_s'), '.2f')} | "
+                       f"{fmt(median(rows, 'generator_cpu_s'), '.2f')} | {fmt(median(rows, 'server_cpu_s_per_Mpkt'), '.2f')} | "
+                       f"{fmt(median(rows, 'loss_pct'), '.3f')} |")
     return "\n".join(out) + "\n"
 
 
@@ -171,6 +194,7 @@ def main() -> int:
     ap.add_argument("--drain", type=float, default=1)
     ap.add_argument("--rates", default="10000,20000")
     ap.add_argument("--slice-ms", type=float, default=1)
+    ap.add_argument("--no-flat-out", action="store_true", help="skip the flat-out rows")
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration, alternating (default 3)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results")

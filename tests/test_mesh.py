@@ -27,10 +27,14 @@ from derpbox.mesh import peers as mesh_peers
 from derpbox.protocol import frames as F
 from derpbox.protocol.frames import FrameType
 from derpbox.relay.peer import Peer
+from derpbox.relay.receive_limit import RateConfig
+from derpbox.relay.relay import Relay
 from derpbox.relay.stats import RelayStats
 
 from .meshnet import HOST, MESH_KEY, connect, exchange, knows, meshed, peer_of
 from .support import unused_port, wait_for
+from .test_relay import connect as relay_connect
+from .test_relay import pub
 from .tailcat import Tailcat, derp_map, needs_tailcat
 
 pytestmark = pytest.mark.usefixtures("quick_redial")
@@ -339,6 +343,103 @@ def test_healthcheck_reports_each_mesh_peer(region):
     results = yield deferToThread(healthcheck, a.service.settings, 2.0)
     to_b = {r.name: r for r in results}[f"mesh {HOST}:{b_port}/127.0.0.1"]
     assert to_b.status == WARN and "Connection refused" in to_b.detail
+
+
+def relay_with_a_link(**relay_args):
+    """A relay reaching the key ``REMOTE`` through a MeshLink over a StringTransport,
+    registered as its transport's producer as connectionMade does."""
+    clock = relay_args.pop("clock", Clock())
+    relay = Relay(PrivateKey.generate(), clock, queue_depth=1000, **relay_args)
+    lost = []
+    peer = SimpleNamespace(clock=clock, relay=relay, link_failed=lambda link, reason: lost.append(reason),
+                           link_lost=lambda link, reason: lost.append(reason))
+    link = MeshLink(peer, None)
+    link.transport = StringTransport()
+    link.transport.registerProducer(link, True)
+    link.ready = True
+    relay.add_forwarder(REMOTE, SimpleNamespace(is_worker=False, forward_packet=link.forward))
+    return relay, link
+
+
+REMOTE = bytes([9]) * 32
+
+
+def forwarded(link) -> list[bytes]:
+    """The packets of the ForwardPacket frames the link wrote, in order."""
+    frames = F.FrameReader(F.CLIENT_FRAME_BOUNDS).feed(link.transport.value())
+    link.transport.clear()
+    assert {ftype for ftype, _ in frames} <= {FrameType.FORWARD_PACKET}
+    return [bytes(payload[2 * F.KEY_LEN:]) for _, payload in frames]
+
+
+def test_a_full_link_holds_its_senders_until_it_drains():
+    """As Go's sender blocks on its mesh write: a client whose packet waits for a link the peer
+    does not read is not read on (its socket backs up to it) until the link drains, and
+    nothing it sent is dropped or reordered; other clients keep being served."""
+    relay, link = relay_with_a_link()
+    a, conn_a, _ = relay_connect(relay)
+    b, conn_b, key_b = relay_connect(relay)
+    c, conn_c, _ = relay_connect(relay)
+    packets = [bytes([i]) * 100 for i in range(6)]
+    a.feed(F.send_packet_frame(REMOTE, packets[0]))
+    relay.flush()
+    assert forwarded(link) == packets[:1] and conn_a.reading
+    link.pauseProducing()
+    # One read: two packets for the mesh, then one for a local client. The first waits for
+    # the link and holds the sender; the rest of the read waits with it.
+    a.feed(b"".join([F.send_packet_frame(REMOTE, packets[1]), F.send_packet_frame(REMOTE, packets[2]),
+                     F.send_packet_frame(pub(key_b), b"local")]))
+    relay.flush()
+    assert not conn_a.reading and relay.stats.mesh_forward_holds == 1
+    assert relay.stats.packets_forwarded_out == 2 and conn_b.take() == []
+    # What a TLS layer decrypted before the pause took effect waits too.
+    a.feed(F.send_packet_frame(REMOTE, packets[3]))
+    relay.clock.advance(1)
+    assert relay.stats.packets_forwarded_out == 2
+    # Another client is served meanwhile; its packet for the mesh waits, and holds it too.
+    c.feed(F.send_packet_frame(pub(key_b), b"from c") + F.send_packet_frame(REMOTE, packets[4]))
+    relay.flush()
+    assert [p[F.KEY_LEN:] for _, p in conn_b.take()] == [b"from c"]
+    assert not conn_c.reading and relay.stats.mesh_forward_holds == 2
+    assert link.transport.value() == b""
+    link.resumeProducing()
+    assert forwarded(link) == [packets[1], packets[4], packets[2], packets[3]]
+    assert [p[F.KEY_LEN:] for _, p in conn_b.take()] == [b"local"]
+    assert conn_a.reading and conn_c.reading and not a.link_held
+    assert relay.stats.total_dropped() == 0
+    a.feed(F.send_packet_frame(REMOTE, packets[5]))
+    relay.flush()
+    assert forwarded(link) == packets[5:] and conn_a.reading
+
+
+def test_a_lost_link_releases_its_senders():
+    relay, link = relay_with_a_link()
+    a, conn_a, _ = relay_connect(relay)
+    link.pauseProducing()
+    a.feed(F.send_packet_frame(REMOTE, b"x") + F.send_packet_frame(REMOTE, b"y"))
+    assert not conn_a.reading
+    relay.remove_forwarder(REMOTE, relay.forwarders(REMOTE)[0])
+    link.connectionLost(None)
+    # Read again; the packet that waited has no route now and is counted, not lost silently.
+    assert conn_a.reading and not a.link_held
+    assert relay.stats.dropped_packets[("unknown_dest", "other")] == 1
+
+
+def test_a_held_sender_under_a_rate_limit_is_charged_once_per_frame():
+    clock = Clock()
+    relay, link = relay_with_a_link(clock=clock)
+    relay.set_rate_limits(RateConfig(10_000, 0))
+    a, conn_a, _ = relay_connect(relay)
+    burst = a.bucket.burst
+    link.pauseProducing()
+    sizes = [3000, 3000, 3000]
+    a.feed(b"".join(F.send_packet_frame(REMOTE, bytes(n)) for n in sizes))
+    assert a.link_held and relay.stats.packets_forwarded_out == 1
+    link.resumeProducing()
+    assert [len(p) for p in forwarded(link)] == sizes
+    # Charged when first read (all three fit the burst), not again when the held two were handled.
+    assert a.bucket.tokens == pytest.approx(burst - sum(n + F.KEY_LEN for n in sizes))
+    assert relay.rate_limits.waited == 0
 
 
 def test_a_forward_write_stalled_for_5_s_closes_the_link():

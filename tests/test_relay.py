@@ -479,7 +479,7 @@ class RecordingForwarder:
         self.name = name
         self.forwarded = []
 
-    def forward_packet(self, src, dst, packet, disco):
+    def forward_packet(self, src, dst, packet, disco, sender=None):
         self.forwarded.append((src, dst, bytes(packet), disco))
 
 

@@ -5,7 +5,8 @@ It speaks the client side through the sans-IO codecs (``protocol.client_handshak
 ClientInfo, WatchConns right after the handshake, fast start when the peer's TLS 1.3
 chain carries the meta-certificate. It reports what the peer announces to its
 ``MeshPeer`` and carries ForwardPacket frames the other way, coalesced per reactor
-pass and bounded while the peer does not read.
+pass. While the peer does not read, the connections whose packets wait for it are not
+read either, as Go's sender blocks on its mesh write (``Peer.hold``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ log = Logger()
 USER_AGENT = "derpbox-mesh"
 # A ForwardPacket write the peer does not take within this long closes the link (as Go's mesh client).
 FORWARD_STALL_TIMEOUT = 5.0
-# What may wait for a paused peer before packets are dropped (queue_tail).
+# What may wait for a paused peer before packets are dropped (queue_tail). Senders are held
+# at the first packet that waits, so only what their last reads carried comes on top.
 MAX_PENDING_BYTES = 4 << 20
 # The server sends a keepalive every 60-65 s; silence for longer means the link is dead.
 READ_IDLE_TIMEOUT = 150.0
@@ -65,6 +67,8 @@ class MeshLink(Protocol):
         self._reader = FrameReader(SERVER_FRAME_BOUNDS)
         self._out: list[bytes] = []
         self._pending = 0
+        # Connections held (not read) until the peer takes our writes again.
+        self._held: list = []
         self._timer = None
         self._stall_timer = None
         self._closing = False
@@ -181,12 +185,17 @@ class MeshLink(Protocol):
 
     # -- output: ForwardPacket ---------------------------------------------
 
-    def forward(self, src: bytes, dst: bytes, packet, disco: bool) -> None:
-        """Queue a ForwardPacket frame; written at the relay's next flush."""
+    def forward(self, src: bytes, dst: bytes, packet, disco: bool, sender=None) -> None:
+        """Queue a ForwardPacket frame; written at the relay's next flush. ``sender``, the
+        connection it came from, is held while the peer does not take our writes."""
         size = len(packet)
-        if self.paused and self._pending > MAX_PENDING_BYTES:
-            self.peer.relay.stats.drop("queue_tail", disco, size)
-            return
+        if self.paused:
+            if sender is not None and not sender.link_held:
+                sender.hold()
+                self._held.append(sender)
+            if self._pending > MAX_PENDING_BYTES:
+                self.peer.relay.stats.drop("queue_tail", disco, size)
+                return
         self._out.append(b"".join((pack_header(_FORWARD, _FORWARD_OVERHEAD + size), src, dst, packet)))
         self._pending += size
         if not self.dirty:
@@ -217,6 +226,12 @@ class MeshLink(Protocol):
             self._stall_timer.cancel()
             self._stall_timer = None
         self._write_out()
+        self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        for sender in held:
+            sender.release()
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -258,3 +273,5 @@ class MeshLink(Protocol):
         self._closing = True
         self._out.clear()
         self.peer.link_lost(self, reason)
+        # Their packets for the peer's keys now go elsewhere or are dropped as write errors.
+        self._release()

@@ -224,12 +224,12 @@ class MeshPeer:
             self.relay.remove_forwarder(key, self)
 
     # The relay's forwarder interface.
-    def forward_packet(self, src: bytes, dst: bytes, packet, disco: bool) -> None:
+    def forward_packet(self, src: bytes, dst: bytes, packet, disco: bool, sender=None) -> None:
         link = self._link
         if link is None or not link.ready:
             self.relay.stats.drop("write_error", disco, len(packet))
             return
-        link.forward(src, dst, packet, disco)
+        link.forward(src, dst, packet, disco, sender)
 
     # -- stopping ---------------------------------------------------------------
 

@@ -93,7 +93,8 @@ class Peer:
         "mesh_updates",
         "bucket",
         "_waiting",
-        "_first_paid",
+        "_prepaid",
+        "link_held",
         "_handshake_buf",
         "_held",
         "_reader",
@@ -138,9 +139,11 @@ class Peer:
         # The receive rate limit's bucket (derpbox.relay.receive_limit), None when unlimited.
         self.bucket = None
         # Reading paused by this peer (its pass budget spent, or the rate limit), with frames
-        # left in the reader; _first_paid: the first of them was charged to the bucket already.
+        # left in the reader; _prepaid: how many of them were charged to the bucket already.
         self._waiting = False
-        self._first_paid = False
+        self._prepaid = 0
+        # Reading paused because a mesh link this connection forwards to is full (hold).
+        self.link_held = False
         self._handshake_buf = b""
         self._held = b""
         self._reader = None
@@ -226,7 +229,7 @@ class Peer:
             if self.state == ADMITTING:
                 self._hold(data)
             return
-        if self._waiting:
+        if self._waiting or self.link_held:
             # Reading is paused, but a TLS layer may still hand over what it already decrypted.
             self._reader.hold(data)
             return
@@ -245,13 +248,14 @@ class Peer:
             frames = self._within_rate(frames)
         self._dispatch(frames)
         relay.flush()
-        if reader.more and not self._waiting and self.state == ACTIVE:
+        if reader.more and not self._waiting and not self.link_held and self.state == ACTIVE:
             # More frames than one pass handles: the rest after everyone else's turn.
             self._wait(0.0)
 
     def _dispatch(self, frames) -> None:
         relay = self.relay
-        for ftype, payload in frames:
+        for frame in frames:
+            ftype, payload = frame
             if ftype == _SEND:
                 relay.send_packet(self, payload)
             elif ftype == _FORWARD and self.is_mesh:
@@ -267,6 +271,13 @@ class Peer:
                 relay.mesh_frame(self, ftype, payload)
             if self.state == CLOSED:
                 break
+            if self.link_held:
+                # Go's sender blocks in the mesh write: the rest waits, unread, for release().
+                rest = frames[next(i for i, f in enumerate(frames) if f is frame) + 1:]
+                self._reader.unread(rest)
+                if self.bucket is not None:
+                    self._prepaid += len(rest)
+                break
 
     def _within_rate(self, frames):
         """The frames the receive rate limit lets through now. At the first frame that
@@ -274,13 +285,13 @@ class Peer:
         pauses until the debt is paid, as derper waits before reading a frame's body."""
         bucket = self.bucket
         now = self.relay.clock.seconds()
-        first = 1 if self._first_paid else 0
-        self._first_paid = False
+        first = self._prepaid
+        self._prepaid = max(0, first - len(frames))
         for i in range(first, len(frames)):
             wait = bucket.take(len(frames[i][1]), now)
             if wait:
                 self._reader.unread(frames[i:])
-                self._first_paid = True
+                self._prepaid = 1
                 self.relay.rate_limits.waited += 1
                 self._wait(wait)
                 return frames[:i]
@@ -289,7 +300,7 @@ class Peer:
     def set_bucket(self, bucket) -> None:
         """A new receive rate limit (or none): a new, full bucket, owed nothing."""
         self.bucket = bucket
-        self._first_paid = False
+        self._prepaid = 0
 
     def _wait(self, delay: float) -> None:
         self._waiting = True
@@ -299,9 +310,31 @@ class Peer:
     def _go_on(self) -> None:
         self._go_on_timer = None
         self._waiting = False
+        if not self.link_held:
+            self._go_on_reading()
+
+    def _go_on_reading(self) -> None:
+        """Handle what the reader kept, then read the socket again unless paused anew."""
         self._read(b"")
-        if not self._waiting and self.state == ACTIVE:
+        if not self._waiting and not self.link_held and self.state == ACTIVE:
             self.conn.resume_reading()
+
+    def hold(self) -> None:
+        """A mesh link this connection forwards to is full: read nothing more until
+        ``release`` (derper's sender blocks on the mesh write, so its socket backs up to
+        the client, instead of reading on and dropping at the link)."""
+        if not self.link_held and self.state == ACTIVE:
+            self.link_held = True
+            self.relay.stats.mesh_forward_holds += 1
+            self.conn.pause_reading()
+
+    def release(self) -> None:
+        """The mesh link drained: go on with what was held back, then read again."""
+        if not self.link_held:
+            return
+        self.link_held = False
+        if not self._waiting and self.state == ACTIVE:
+            self._go_on_reading()
 
     def _feed_handshake(self, data: bytes) -> bytes:
         if self._handshake_buf:

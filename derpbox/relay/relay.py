@@ -254,7 +254,7 @@ class Relay:
                 stats.drop("dup_client", disco, size)
                 return
             stats.packets_forwarded_out += 1
-            (forwarder or record.forwarders[0]).forward_packet(src.key, dst_key, payload[KEY_LEN:], disco)
+            (forwarder or record.forwarders[0]).forward_packet(src.key, dst_key, payload[KEY_LEN:], disco, src)
             return
         stats.drop("unknown_dest", disco, size)
         if disco and src.not_here_allowed():
@@ -315,7 +315,7 @@ class Relay:
                 worker = _worker_forwarder(record)
                 if worker is not None:
                     stats.packets_forwarded_out += 1
-                    worker.forward_packet(src_key, dst_key, packet, disco)
+                    worker.forward_packet(src_key, dst_key, packet, disco, mesh_peer)
                     return
             stats.drop("unknown_dest_on_fwd", disco, len(packet))
             # NotHere goes to the mesh peer that forwarded it, which drops its stale forwarder.

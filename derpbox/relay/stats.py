@@ -59,6 +59,8 @@ class RelayStats:
                 "Keys that went back to being reachable through one mesh peer."),
         counter("packet_forwarder_delete_other_value", "derp_packet_forwarder_delete_other_value",
                 "Mesh PeerGone notices for a key not forwarded through that peer (stale or repeated)."),
+        counter("mesh_forward_holds", "derpbox_mesh_forward_holds",
+                "Times a connection stopped being read until a full mesh link it forwards to drained."),
         histogram("mesh_update_batch_size", "derp_mesh_update_batch_size",
                   "PeerPresent and PeerGone frames written to a mesh watcher in one write."),
         histogram("mesh_update_loop_count", "derp_mesh_update_loop_count",
