@@ -254,10 +254,11 @@ class Peer:
 
     def _dispatch(self, frames) -> None:
         relay = self.relay
+        send_packet = relay.send_packet
         for frame in frames:
             ftype, payload = frame
             if ftype == _SEND:
-                relay.send_packet(self, payload)
+                send_packet(self, payload)
             elif ftype == _FORWARD and self.is_mesh:
                 relay.forward_in(self, payload)
             elif ftype == _PING:

@@ -44,6 +44,7 @@ log = Logger()
 
 _recv_header = RECV_HEADER.pack
 _RECV = FrameType.RECV_PACKET
+_DISCO_FIRST = DISCO_MAGIC[0]
 MESH_WRITE_TIMEOUT = 30.0
 # Restarting frame values: reconnect soon, keep trying through a container restart.
 RESTART_RECONNECT_MS = 500
@@ -220,13 +221,13 @@ class Relay:
         stats = self.stats
         dst_key = payload[:KEY_LEN].tobytes()
         size = len(payload) - KEY_LEN
-        disco = size >= DISCO_MIN_LEN and payload[KEY_LEN : KEY_LEN + 6] == DISCO_MAGIC
+        # The first byte alone rules out a WireGuard packet (type 1-4) before any slice.
+        disco = (size >= DISCO_MIN_LEN and payload[KEY_LEN] == _DISCO_FIRST
+                 and payload[KEY_LEN : KEY_LEN + 6] == DISCO_MAGIC)
         stats.packets_received += 1
         stats.bytes_received += size
         if disco:
             stats.packets_received_disco += 1
-        else:
-            stats.packets_received_other += 1
         clients = self._clients
         record = clients.get(dst_key)
         dst = record.active if record is not None else None
@@ -297,7 +298,7 @@ class Relay:
         src_key = payload[:KEY_LEN].tobytes()
         dst_key = payload[KEY_LEN : 2 * KEY_LEN].tobytes()
         packet = payload[2 * KEY_LEN :]
-        disco = len(packet) >= DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC
+        disco = len(packet) >= DISCO_MIN_LEN and packet[0] == _DISCO_FIRST and packet[:6] == DISCO_MAGIC
         stats.packets_forwarded_in += 1
         clients = self._clients
         record = clients.get(dst_key)
