@@ -314,6 +314,42 @@ def test_acme_with_two_workers_one_order_both_serve(node, pebble, tmp_path):
         client.close()
 
 
+def worker_pid(n, index: int) -> int:
+    return int(re.findall(rf"worker {index} started \(pid (\d+)\)", n.log_text())[-1])
+
+
+def test_a_frozen_worker_holds_back_senders_instead_of_dropping(node):
+    """Worker 1 stops reading (SIGSTOP): worker 0's link to it fills, and worker 0 stops
+    reading the client whose packets wait for it (its data stays in TCP, as with derper's
+    blocking mesh writes) instead of reading on and dropping at the link. Thawed within the link's 5 s
+    stall limit, every packet arrives, in order, and nothing was dropped."""
+    n = node(2)
+    x, y = n.connect_on(0), n.connect_on(1)
+    x.send_packet(y.public_key, b"warm")
+    assert y.recv_packet() == (x.public_key, b"warm")
+    # 7.2 MB: past what worker 0's link may queue (4 MiB) plus the unix socket's buffer.
+    count, pad = 6000, bytes(1196)
+    sender = threading.Thread(
+        target=lambda: [x.send_packet(y.public_key, i.to_bytes(4, "big") + pad) for i in range(count)])
+    frozen = worker_pid(n, 1)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        sender.start()
+        deadline = time.monotonic() + 3
+        while n.vars(0)["derpbox_mesh_forward_holds"] == 0:
+            assert time.monotonic() < deadline, "worker 0 never held the sender back"
+            time.sleep(0.05)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    got = [int.from_bytes(y.recv_packet(timeout=10)[1][:4], "big") for _ in range(count)]
+    sender.join(10)
+    assert got == list(range(count))
+    for i in range(2):
+        assert sum(n.vars(i)["derp_packets_dropped"].values()) == 0
+    x.close()
+    y.close()
+
+
 def test_stun_is_answered_by_every_worker(node):
     n = node(2)
     port = int(re.search(r"stun0 (\d+)", n.log_text())[1])
