@@ -10,18 +10,20 @@ derpbox.tls.transport); this checks it on a server whose first connections were 
 that never got that far, as a load balancer's health checks are.
 
 A worker's internal link reads with plain recv(), not the recvmsg() Twisted's unix
-transport uses for passing descriptors.
+transport uses for passing descriptors. Writes go out in send()s of at most SEND_LIMIT.
 """
 
 from __future__ import annotations
 
 import gc
 import socket
+import struct
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.python import sendmsg
@@ -29,7 +31,7 @@ from twisted.python import sendmsg
 from derpbox.client import DERPClient
 from derpbox.web.connection import tcp_transport
 from derpbox.service import ListenerService
-from derpbox.web.transports import READ_SIZE, TRANSPORT_BUFFER, RelayTCPServer, RelayUNIXServer
+from derpbox.web.transports import READ_SIZE, SEND_LIMIT, TRANSPORT_BUFFER, RelayTCPServer, RelayUNIXServer
 
 from .support import wait_for
 
@@ -136,5 +138,85 @@ def test_reads_are_at_most_read_size_below_the_pause_threshold():
         yield deferToThread(send)
         yield wait_for(lambda: sum(getattr(factory, "chunks", [])) == burst)
         assert max(factory.chunks) <= READ_SIZE
+    finally:
+        yield listener.stopService()
+
+
+class CountingSocket:
+    """The transport's socket, recording what each send() was offered and took."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.sends: list[tuple[int, int]] = []
+
+    def send(self, data):
+        taken = self._sock.send(data)
+        self.sends.append((len(data), taken))
+        return taken
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class BigWriter(Protocol):
+    def connectionMade(self):
+        self.transport.socket = self.factory.counting = CountingSocket(self.transport.socket)
+        self.factory.transport = self.transport
+        self.transport.write(self.factory.payload)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.factory.lost = reason
+
+
+def big_writer_listener():
+    factory = Factory.forProtocol(BigWriter)
+    factory.payload = bytes(range(256)) * (10 * SEND_LIMIT // 256 // 4)  # 2.5 x SEND_LIMIT
+    factory.lost = None
+    return factory, ListenerService(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory, "test")
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_go_out_whole_in_sends_of_at_most_the_send_limit():
+    factory, listener = big_writer_listener()
+    listener.startService()
+    try:
+        port = yield listener.ready
+
+        def receive():
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as sock:
+                got = bytearray()
+                while chunk := sock.recv(1 << 20):
+                    got += chunk
+                return bytes(got)
+
+        got = yield deferToThread(receive)
+        assert got == factory.payload
+        sends = factory.counting.sends
+        assert type(factory.transport) is RelayTCPServer
+        assert max(offered for offered, _ in sends) == SEND_LIMIT
+        assert sum(taken for _, taken in sends) == len(factory.payload)
+        yield wait_for(lambda: factory.lost is not None)
+        assert factory.lost.check(ConnectionDone)
+    finally:
+        yield listener.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_to_a_reset_peer_loses_the_connection():
+    factory, listener = big_writer_listener()
+    listener.startService()
+    try:
+        port = yield listener.ready
+
+        def connect_and_reset():
+            sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+            sock.recv(1)  # the server is writing
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+        yield deferToThread(connect_and_reset)
+        yield wait_for(lambda: factory.lost is not None)
+        assert factory.lost.check(ConnectionLost)
     finally:
         yield listener.stopService()

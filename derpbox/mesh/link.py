@@ -68,7 +68,7 @@ class MeshLink(Protocol):
         self._out: list[bytes] = []
         self._pending = 0
         # Connections held (not read) until the peer takes our writes again.
-        self._held: list = []
+        self._held_senders: list = []
         self._timer = None
         self._stall_timer = None
         self._closing = False
@@ -192,7 +192,7 @@ class MeshLink(Protocol):
         if self.paused:
             if sender is not None and not sender.link_held:
                 sender.hold()
-                self._held.append(sender)
+                self._held_senders.append(sender)
             if self._pending > MAX_PENDING_BYTES:
                 self.peer.relay.stats.drop("queue_tail", disco, size)
                 return
@@ -229,7 +229,7 @@ class MeshLink(Protocol):
         self._release()
 
     def _release(self) -> None:
-        held, self._held = self._held, []
+        held, self._held_senders = self._held_senders, []
         for sender in held:
             sender.release()
 
