@@ -22,6 +22,7 @@ import struct
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -169,54 +170,52 @@ class BigWriter(Protocol):
         self.factory.lost = reason
 
 
-def big_writer_listener():
+@inlineCallbacks
+def against_big_writer(client):
+    """Run ``client(port)`` in a thread against a listener whose connections each write
+    2.5 x SEND_LIMIT at once and close; the factory (once the connection is lost) and
+    what ``client`` returned."""
     factory = Factory.forProtocol(BigWriter)
-    factory.payload = bytes(range(256)) * (10 * SEND_LIMIT // 256 // 4)  # 2.5 x SEND_LIMIT
+    factory.payload = bytes(range(256)) * (10 * SEND_LIMIT // 256 // 4)
     factory.lost = None
-    return factory, ListenerService(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory, "test")
+    listener = ListenerService(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), factory, "test")
+    listener.startService()
+    try:
+        port = yield listener.ready
+        result = yield deferToThread(client, port.getHost().port)
+        yield wait_for(lambda: factory.lost is not None)
+        return factory, result
+    finally:
+        yield listener.stopService()
+
+
+def receive_all(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        got = bytearray()
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+        return bytes(got)
+
+
+def connect_and_reset(port: int) -> None:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.recv(1)  # the server is writing
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 @pytest_twisted.inlineCallbacks
 def test_writes_go_out_whole_in_sends_of_at_most_the_send_limit():
-    factory, listener = big_writer_listener()
-    listener.startService()
-    try:
-        port = yield listener.ready
-
-        def receive():
-            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as sock:
-                got = bytearray()
-                while chunk := sock.recv(1 << 20):
-                    got += chunk
-                return bytes(got)
-
-        got = yield deferToThread(receive)
-        assert got == factory.payload
-        sends = factory.counting.sends
-        assert type(factory.transport) is RelayTCPServer
-        assert max(offered for offered, _ in sends) == SEND_LIMIT
-        assert sum(taken for _, taken in sends) == len(factory.payload)
-        yield wait_for(lambda: factory.lost is not None)
-        assert factory.lost.check(ConnectionDone)
-    finally:
-        yield listener.stopService()
+    factory, got = yield against_big_writer(receive_all)
+    assert got == factory.payload
+    sends = factory.counting.sends
+    assert type(factory.transport) is RelayTCPServer
+    assert max(offered for offered, _ in sends) == SEND_LIMIT
+    assert sum(taken for _, taken in sends) == len(factory.payload)
+    assert factory.lost.check(ConnectionDone)
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_write_to_a_reset_peer_loses_the_connection():
-    factory, listener = big_writer_listener()
-    listener.startService()
-    try:
-        port = yield listener.ready
-
-        def connect_and_reset():
-            sock = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
-            sock.recv(1)  # the server is writing
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-
-        yield deferToThread(connect_and_reset)
-        yield wait_for(lambda: factory.lost is not None)
-        assert factory.lost.check(ConnectionLost)
-    finally:
-        yield listener.stopService()
+    factory, _ = yield against_big_writer(connect_and_reset)
+    assert factory.lost.check(ConnectionLost)
